@@ -1,0 +1,103 @@
+"""Typed configuration of the DeepSeek-V4 architecture.
+
+One dataclass describes every V4 model size (tiny / flash / pro differ only in values, see
+`conf/model/*.yaml`). Field names follow the Hugging Face `DeepseekV4Config` where one exists, so
+users can read a released `config.json` next to our YAML. The per-layer structure (attention mode,
+hash vs scored routing) is derived from these fields by `layer_schedule()`; no module decides it
+on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+ATTENTION_MODE_BY_RATIO = {0: "sliding_window", 4: "csa"}  # any other ratio > 0 is HCA
+CSA_RATIO = 4
+
+
+@dataclass
+class YarnConfig:
+    """YaRN scaling of the RoPE frequencies, applied only to compressed (ratio > 0) layers."""
+
+    factor: float = 16.0
+    original_max_position_embeddings: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V4 hyper-parameters (spec §1). Defaults are the released Flash values."""
+
+    name: str = "flash"
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_layers: int = 43
+    num_attention_heads: int = 64
+    head_dim: int = 512  # q, k (=v) and attention output per head
+    qk_rope_head_dim: int = 64  # RoPE on the last dims of each head (interleaved pairs)
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128  # includes the query token itself
+    # One entry per main layer plus one per MTP layer: 0 = sliding window only, 4 = CSA, other > 0 = HCA.
+    compress_ratios: List[int] = field(default_factory=lambda: [0, 0] + [4, 128] * 20 + [4, 0])
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    yarn: YarnConfig = field(default_factory=YarnConfig)
+    max_position_embeddings: int = 1048576
+    # Lightning indexer (CSA layers only).
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # "dense": CSA attends to every visible compressed entry, no indexer loss;
+    # "warmup": dense attention, indexer trained with dense KL; "sparse": top-k attention, sparse KL.
+    indexer_phase: str = "sparse"
+    indexer_loss_coeff: float = 1.0
+    # mHC hyper-connections.
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1.0e-6
+    # MoE (every layer is MoE; the first `num_hash_layers` are hash-routed).
+    num_hash_layers: int = 3
+    num_routed_experts: int = 256
+    num_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    routed_scaling_factor: float = 1.5
+    score_function: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    swiglu_limit: float = 10.0
+    expert_bias_update_rate: float = 1.0e-3  # noaux_tc bias speed gamma
+    seq_aux_loss_coeff: float = 1.0e-4  # sequence-wise balance loss alpha
+    # Seed of the deterministic tid2eid table generated when training from scratch.
+    hash_table_seed: int = 1234
+    # Multi-token prediction.
+    mtp_num_layers: int = 1
+    mtp_loss_weight: float = 0.3
+    mtp_loss_weight_after_decay: float = 0.1  # used once LR decay starts
+    rms_norm_eps: float = 1.0e-6
+    init_std: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def layer_schedule(self) -> List[dict]:
+        """Per-layer description for the main stack followed by the MTP layers.
+
+        Each entry: {"index", "compress_ratio", "attention" ("sliding_window" | "csa" | "hca"),
+        "hash_routed" (bool), "is_mtp" (bool)}.
+        """
+        schedule = []
+        for index, ratio in enumerate(self.compress_ratios):
+            is_mtp = index >= self.num_layers
+            attention = ATTENTION_MODE_BY_RATIO.get(ratio, "hca")
+            schedule.append(
+                {
+                    "index": index,
+                    "compress_ratio": ratio,
+                    "attention": attention,
+                    "hash_routed": (not is_mtp) and index < self.num_hash_layers,
+                    "is_mtp": is_mtp,
+                }
+            )
+        return schedule
