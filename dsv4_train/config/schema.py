@@ -1,0 +1,118 @@
+"""The one typed configuration schema of a dsv4-train run.
+
+Every YAML file under `conf/` and `recipes/` is data for these dataclasses; Hydra composes them in
+struct mode, so an unknown key or a wrongly typed value fails at compose time naming the key.
+Cross-field rules live in `validate.py`; derived values (DP size, micro-batches, ...) in `derive.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dsv4_train.config.model import ModelConfig
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes and how it starts."""
+
+    dir: str = "runs/default"  # output directory: resolved config, metrics.jsonl, logs, checkpoints
+    name: str = "dsv4"
+    seed: int = 1234
+    plan_only: bool = False  # print the parameter/FLOPs/memory plan and exit without building anything heavy
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. world size = tp * pp * cp * dp; experts use ep * etp * edp = tp * cp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual stages per pipeline rank (interleaved schedule)
+    ep: int = 1
+    etp: Optional[int] = None  # expert tensor parallel; None = same as tp
+    cp: int = 1
+    sp: bool = False  # sequence parallel (requires tp > 1)
+    distributed_optimizer: bool = True
+    moe_dispatcher: str = "alltoall"  # alltoall | allgather
+    pipeline_layout: Optional[str] = None  # explicit layout; None derives one
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then constant / cosine / WSD / linear decay."""
+
+    lr: float = 3.0e-4
+    min_lr: float = 3.0e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    decay_style: str = "cosine"  # constant | cosine | linear | wsd
+    decay_steps: Optional[int] = None  # None = train.max_steps - warmup_steps
+    wsd_decay_steps: Optional[int] = None  # length of the final WSD decay; None = 20% of decay_steps
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch and precision."""
+
+    max_steps: int = 100
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 2  # sequences per forward pass on one rank
+    seq_length: int = 64
+    precision: str = "fp32"  # fp32 | bf16
+    log_interval: int = 1
+    deterministic: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from."""
+
+    kind: str = "embedded"  # embedded | indexed | mock
+    paths: List[str] = field(default_factory=list)  # indexed dataset prefixes (without .bin/.idx), optionally weighted "w prefix"
+    tokenizer: Optional[str] = None  # tokenizer.json; None = the embedded byte-level BPE
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None  # None = <repo>/.cache/data (embedded corpus, tokenizer, index caches)
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    """Console, metrics.jsonl and optional wandb."""
+
+    wandb: bool = False
+    wandb_project: str = "dsv4-train"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_group: Optional[str] = None
+    console: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming with megatron.core.dist_checkpointing."""
+
+    save_interval: int = 0  # steps between saves; 0 = only at the end
+    save_final: bool = True
+    load: str = "auto"  # auto (latest complete in <run.dir>/checkpoints) | none | <path to a checkpoint dir>
+    dir: Optional[str] = None  # None = <run.dir>/checkpoints
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)

@@ -1,0 +1,283 @@
+"""Make Megatron-Core 0.19.2 run on a CPU-only machine over gloo.
+
+Megatron-Core has no CPU path upstream: it imports triton unguarded, calls
+`torch.cuda.current_device()` ~140 times, hard-codes `device="cuda"`, uses CUDA streams, a CUDA RNG
+tracker and `Tensor.type()` string checks. Each patch below removes exactly one of those obstacles
+(measured in `shared/reference/megatron_core_cpu.md` §3). The layer is applied only when CUDA is
+absent; on a GPU machine nothing here runs. Every patch is named in `PATCHES` and has a test in
+`tests/runtime/test_cpu_compat.py`. It patches private internals of megatron-core 0.19.2, so
+`apply()` refuses any other version.
+
+Import order: call `apply()` before the first `import megatron.core` (the triton stub must be in
+place before Megatron's import chain reaches `moe/ops/paged_stash.py`). `apply()` is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import types
+from typing import Callable, Dict
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SUPPORTED_MEGATRON_CORE = "0.19.2"
+
+_applied: Dict[str, bool] = {}
+_mode: "CudaToCpuMode | None" = None
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. triton stub: `megatron.core.transformer.moe.ops.paged_stash` imports triton at module level.
+# ---------------------------------------------------------------------------------------------
+def _stub_paged_stash_kernels() -> None:
+    if importlib.util.find_spec("triton") is not None:
+        return
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    stub = types.ModuleType(name)
+    stub.__doc__ = "CPU stub of Megatron's triton paged-stash kernels (never called on CPU)."
+    stub.GLOBAL_BLOCK_SIZE = 1024
+
+    def _unavailable(*_args, **_kwargs):  # pragma: no cover - only reached by misuse
+        raise RuntimeError("MoE paged stash needs triton and CUDA; it is unavailable on CPU")
+
+    stub.paged_stash_copy_kernel = _unavailable
+    stub.paged_stash_pop_kernel = _unavailable
+    stub.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+    sys.modules[name] = stub
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. torch.cuda device/stream API: answer with the CPU / inert objects.
+# ---------------------------------------------------------------------------------------------
+class _InertStream:
+    """Stands in for torch.cuda.Stream/Event: CPU work is synchronous, so waiting is a no-op."""
+
+    def __init__(self, *_args, **_kwargs):
+        pass
+
+    def wait_stream(self, *_a, **_k):
+        return None
+
+    def wait_event(self, *_a, **_k):
+        return None
+
+    def record_event(self, *_a, **_k):
+        return _InertStream()
+
+    def record(self, *_a, **_k):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, *_a, **_k):
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _patch_cuda_api() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.Stream = _InertStream
+    cuda.Event = _InertStream
+    cuda.current_stream = lambda *a, **k: _InertStream()
+    cuda.default_stream = lambda *a, **k: _InertStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.synchronize = lambda *a, **k: None
+    cuda.is_current_stream_capturing = lambda: False
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A TorchFunctionMode that maps device="cuda" to CPU and keeps `.cuda()` on CPU.
+# ---------------------------------------------------------------------------------------------
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare int means a CUDA ordinal to torch
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA placement requests made by Megatron-Core into CPU placement.
+
+    `Tensor.type()` without arguments answers the CUDA type name, because Megatron's optimizer and
+    grad-clipping code assert `param.grad.type() == 'torch.cuda.FloatTensor'`.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+        if func is torch.Tensor.is_pinned:
+            return False
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu") + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _enter_cuda_to_cpu_mode() -> None:
+    global _mode
+    _mode = CudaToCpuMode()
+    _mode.__enter__()  # process-wide for the main thread; never exited while training
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. RNG tracker with CPU generator states (Megatron's keeps named CUDA generator states).
+# ---------------------------------------------------------------------------------------------
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    base = mrandom.CudaRNGStatesTracker
+    if getattr(base, "_dsv4_cpu", False):
+        return
+
+    class CpuRNGStatesTracker(base):
+        """Named RNG streams (data-parallel / model-parallel / expert) kept as CPU generator states."""
+
+        _dsv4_cpu = True
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            generator = torch.Generator()
+            generator.manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker
+    # Checkpointing and activation recompute read/write "the CUDA RNG state": use the CPU one.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Sequence parallel with torch norms (Megatron's WrappedTorchNorm asserts SP is off).
+# ---------------------------------------------------------------------------------------------
+def _allow_sequence_parallel_torch_norm() -> None:
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+    if getattr(original_new, "_dsv4_cpu", False):
+        return
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
+        sequence_parallel = config.sequence_parallel
+        config.sequence_parallel = False  # pass the assert; restore right after
+        try:
+            norm = original_new(cls, config, hidden_size, eps, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        # Megatron all-reduces grads of params tagged `sequence_parallel` over TP in finalize_model_grads.
+        for param in norm.parameters():
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    __new__._dsv4_cpu = True
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. MoE all-to-all split sizes: converted to numpy only for CUDA tensors upstream.
+# ---------------------------------------------------------------------------------------------
+def _moe_split_sizes_to_numpy() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if getattr(original, "_dsv4_cpu", False):
+        return
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._dsv4_cpu = True
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    if hasattr(token_dispatcher, "maybe_move_tensor_to_cpu"):
+        token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+PATCHES: Dict[str, Callable[[], None]] = {
+    "triton_stub": _stub_paged_stash_kernels,
+    "cuda_api": _patch_cuda_api,
+    "cuda_to_cpu_mode": _enter_cuda_to_cpu_mode,
+    "cpu_rng_tracker": _install_cpu_rng_tracker,
+    "sequence_parallel_torch_norm": _allow_sequence_parallel_torch_norm,
+    "moe_split_sizes_numpy": _moe_split_sizes_to_numpy,
+}
+
+
+def needed() -> bool:
+    """The layer is for machines without CUDA only."""
+    return not torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Apply every patch once (no-op when CUDA is available)."""
+    if not needed() or len(_applied) == len(PATCHES):
+        return
+    from importlib.metadata import version
+
+    installed = version("megatron-core")
+    if installed != SUPPORTED_MEGATRON_CORE:
+        raise RuntimeError(
+            f"dsv4_train's CPU compatibility layer patches megatron-core {SUPPORTED_MEGATRON_CORE} "
+            f"internals but megatron-core {installed} is installed; install "
+            f"megatron-core=={SUPPORTED_MEGATRON_CORE} (see README)."
+        )
+    for name, patch in PATCHES.items():
+        if not _applied.get(name):
+            patch()
+            _applied[name] = True
+
+
+def applied() -> Dict[str, bool]:
+    return dict(_applied)
