@@ -1,0 +1,292 @@
+"""Save and resume training state with `megatron.core.dist_checkpointing`.
+
+Layout of a checkpoint root (default `<run.dir>/checkpoints`):
+
+    step_00000010/          a complete checkpoint (dist_checkpointing torch_dist format)
+        dsv4_complete.json  written last; its presence is what makes the directory "complete"
+        rng/rank_<r>.pt     per-rank RNG states
+    step_00000020.partial/  a save in progress (or one that crashed): never loaded, removed later
+    latest                  text file naming the newest complete checkpoint (atomically replaced)
+
+A save writes into `<name>.partial`, then rank 0 writes the completion marker, renames the
+directory, and replaces `latest` (write to a temp file + os.replace). A crash at any point leaves
+the previous checkpoint loadable, and `latest` never names a directory that is not complete.
+
+Megatron-Core 0.19.2's DistributedOptimizer on the torch.optim fallback path has three resume bugs
+(`megatron_core_cpu.md` #31); `_prepare_optimizer_for_load` and `_unshare_adam_step_tensors` below
+are our fixes, applied on every device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+COMPLETE_MARKER = "dsv4_complete.json"
+LATEST_FILE = "latest"
+PARTIAL_SUFFIX = ".partial"
+FORMAT_VERSION = 1
+
+
+class CheckpointNotFoundError(ValueError):
+    """An explicitly requested checkpoint does not exist or is incomplete."""
+
+
+@dataclass
+class TrainState:
+    """What, besides model and optimizer, a resume must restore."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    mtp_loss_weight: Optional[float] = None
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
+
+
+def list_complete(root: str) -> List[str]:
+    if not os.path.isdir(root):
+        return []
+    names = sorted(
+        name
+        for name in os.listdir(root)
+        if name.startswith("step_") and not name.endswith(PARTIAL_SUFFIX) and is_complete(os.path.join(root, name))
+    )
+    return [os.path.join(root, name) for name in names]
+
+
+def find_latest(root: str) -> Optional[str]:
+    """Newest complete checkpoint under root, or None. Trusts `latest` only if it is complete."""
+    latest_file = os.path.join(root, LATEST_FILE)
+    if os.path.isfile(latest_file):
+        with open(latest_file) as f:
+            name = f.read().strip()
+        candidate = os.path.join(root, name)
+        if name and is_complete(candidate):
+            return candidate
+    complete = list_complete(root)
+    return complete[-1] if complete else None
+
+
+def resolve_load_path(load: str, root: str) -> Optional[str]:
+    """Map `checkpoint.load` to a checkpoint directory, or None to start fresh.
+
+    auto: latest complete checkpoint under root, fresh start if there is none.
+    none: fresh start. Anything else is a path that must be a complete checkpoint (or a root
+    holding one); a missing one is an error, never a silent fresh start.
+    """
+    if load == "none":
+        return None
+    if load == "auto":
+        return find_latest(root)
+    path = os.path.abspath(load)
+    if os.path.isdir(path) and is_complete(path):
+        return path
+    if os.path.isdir(path):
+        found = find_latest(path)
+        if found:
+            return found
+    raise CheckpointNotFoundError(
+        f"checkpoint.load={load!r}: no complete checkpoint there (expected a directory containing "
+        f"{COMPLETE_MARKER}, or a checkpoint root with step_* directories). Fix the path, use "
+        "checkpoint.load=auto to resume from the latest checkpoint of this run if any, or "
+        "checkpoint.load=none to start fresh."
+    )
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *, is_loading: bool):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401 (kept for clarity)
+
+    sharded = {}
+    model_sharded = {}
+    for index, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{index}"
+        chunk_sd = chunk.sharded_state_dict()
+        sharded[key] = chunk_sd
+        model_sharded.update(chunk_sd)
+    if optimizer is not None:
+        if is_loading:
+            _prepare_optimizer_for_load(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sharded, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
+    if scheduler is not None:
+        sharded["scheduler"] = scheduler.state_dict()
+    sharded["train_state"] = {
+        "step": state.step,
+        "consumed_samples": state.consumed_samples,
+        "mtp_loss_weight": state.mtp_loss_weight,
+        "format_version": FORMAT_VERSION,
+    }
+    return sharded
+
+
+def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: TrainState, keep_last: int = 0) -> str:
+    """Save a complete checkpoint for `state.step`; returns its directory."""
+    from megatron.core import dist_checkpointing
+
+    final = os.path.join(root, step_dir_name(state.step))
+    partial = final + PARTIAL_SUFFIX
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)  # a crashed earlier attempt at this same step
+        if os.path.isdir(final):
+            # Re-saving an existing step (e.g. preempted right after a periodic save): move the old
+            # copy aside only after the new one is complete.
+            pass
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+    _barrier()
+    sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, state, is_loading=False)
+    dist_checkpointing.save(sharded, partial)
+    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(partial, COMPLETE_MARKER), "w") as f:
+            json.dump(
+                {"step": state.step, "consumed_samples": state.consumed_samples, "world_size": _world()}, f
+            )
+        if os.path.isdir(final):
+            stale = final + ".old"
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _write_latest(root, os.path.basename(final))
+        _prune(root, keep_last=keep_last, keep=final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler) -> TrainState:
+    """Load model, optimizer, scheduler, train state and (same world size) RNG from `path`."""
+    from megatron.core import dist_checkpointing
+
+    sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), is_loading=True)
+    loaded = dist_checkpointing.load(sharded, path)
+    for index, chunk in enumerate(model_chunks):
+        key = "model" if len(model_chunks) == 1 else f"model{index}"
+        chunk.load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_step_tensors(optimizer)
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    train_state = loaded["train_state"]
+    rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
+    if os.path.isfile(rng_file) and _saved_world(path) == _world():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(
+        step=int(train_state["step"]),
+        consumed_samples=int(train_state["consumed_samples"]),
+        mtp_loss_weight=train_state.get("mtp_loss_weight"),
+    )
+
+
+# --- optimizer fixes for Megatron-Core 0.19.2 -------------------------------------------------
+def _sub_optimizers(optimizer):
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """A fresh DistributedOptimizer has no state; `state_dict()` then asserts. Allocate it first."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for sub in _sub_optimizers(optimizer):
+        if isinstance(sub, DistributedOptimizer) and len(sub.optimizer.state) == 0:
+            sub._init_optimizer_states_with_dummy_values()
+
+
+def _unshare_adam_step_tensors(optimizer) -> None:
+    """DistributedOptimizer.load_state_dict gives every param the SAME `step` tensor; torch AdamW
+    increments it in place once per param, so each step would advance it many times."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", sub)
+        for param_state in inner.state.values():
+            step = param_state.get("step")
+            if torch.is_tensor(step):
+                param_state["step"] = step.detach().clone()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _saved_world(path: str) -> Optional[int]:
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            return json.load(f).get("world_size")
+    except (OSError, ValueError):
+        return None
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_latest(root: str, name: str) -> None:
+    tmp = os.path.join(root, LATEST_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, LATEST_FILE))
+
+
+def _prune(root: str, *, keep_last: int, keep: str) -> None:
+    for name in os.listdir(root):
+        if name.endswith(PARTIAL_SUFFIX) and os.path.join(root, name) != keep + PARTIAL_SUFFIX:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if keep_last <= 0:
+        return
+    complete = list_complete(root)
+    for path in complete[:-keep_last]:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)

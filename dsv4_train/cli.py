@@ -1,0 +1,77 @@
+"""What `python -m dsv4_train` does with a composed config: validate, derive, then plan or train.
+
+User errors (ValueError and its subclasses: config, data, checkpoint) end the process with one
+message paragraph and exit code 2, without a traceback and before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+from dsv4_train.config.schema import Config
+
+EXIT_USER_ERROR = 2
+
+
+class _Tee:
+    """Mirror a console stream into a per-rank log file in the run directory."""
+
+    def __init__(self, stream: TextIO, log: TextIO):
+        self._stream, self._log = stream, log
+
+    def write(self, text: str) -> int:
+        self._log.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+        self._log.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _prepare_run_dir(cfg: Config, yaml_text: str, rank: int) -> None:
+    os.makedirs(os.path.join(cfg.run.dir, "logs"), exist_ok=True)
+    if rank == 0:
+        tmp = os.path.join(cfg.run.dir, "config.yaml.tmp")
+        with open(tmp, "w") as f:
+            f.write(yaml_text)
+        os.replace(tmp, os.path.join(cfg.run.dir, "config.yaml"))
+    log = open(os.path.join(cfg.run.dir, "logs", f"rank_{rank}.log"), "a", buffering=1)
+    sys.stdout = _Tee(sys.stdout, log)
+    sys.stderr = _Tee(sys.stderr, log)
+
+
+def execute(cfg: Config, *, yaml_text: str) -> int:
+    """Validate, derive, and run the plan or the training. Returns the exit code."""
+    from dsv4_train.config.derive import derive
+    from dsv4_train.config.validate import validate
+    from dsv4_train.launch.env import discover
+
+    process = discover()
+    validate(cfg, world_size=process.world_size)
+    derived = derive(cfg, world_size=process.world_size)
+    if cfg.run.plan_only:
+        from dsv4_train.plan import make_plan, print_plan, write_plan
+
+        plan = make_plan(cfg, world_size=process.world_size)
+        if process.rank == 0:
+            print_plan(plan)
+            os.makedirs(cfg.run.dir, exist_ok=True)
+            write_plan(plan, os.path.join(cfg.run.dir, "plan.json"))
+        return 0
+    from dsv4_train.data import check_data_inputs
+
+    check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
+    _prepare_run_dir(cfg, yaml_text, process.rank)
+    from dsv4_train.train.loop import run_training
+
+    return run_training(cfg, derived)
+
+
+def report_user_error(error: BaseException) -> None:
+    message = " ".join(str(error).split("\n")) if "\n" not in str(error).strip() else str(error).strip()
+    print(f"dsv4_train: error: {message}", file=sys.stderr, flush=True)

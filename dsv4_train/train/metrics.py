@@ -1,0 +1,97 @@
+"""Where step metrics go: one console line per logging interval, `metrics.jsonl`, optional wandb.
+
+`metrics.jsonl` (one JSON object per step) is the source of truth; wandb is an optional sink,
+imported lazily on rank 0 only, offline unless the user configured otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+from dsv4_train.config.schema import LoggingConfig
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def console_line(metrics: Dict[str, float], *, max_steps: int, eta_s: float) -> str:
+    def number(key: str, fmt: str) -> str:
+        value = metrics.get(key)
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    return (
+        f"step {metrics['step']:>6d}/{max_steps} | lm_loss {number('lm_loss', '.4f')} | "
+        f"mtp_loss {number('mtp_loss', '.4f')} | grad_norm {number('grad_norm', '.3f')} | "
+        f"lr {number('lr', '.3e')} | tok/s {number('tokens_per_sec', ',.0f')} | "
+        f"ETA {format_duration(eta_s)}"
+    )
+
+
+class MetricsSink:
+    """Writes metrics on the main rank; a no-op elsewhere."""
+
+    def __init__(self, *, run_dir: str, logging_cfg: LoggingConfig, is_main: bool, config_dict: dict, max_steps: int):
+        self.is_main = is_main
+        self.logging_cfg = logging_cfg
+        self.max_steps = max_steps
+        self._jsonl = None
+        self._wandb_run = None
+        self._start = time.monotonic()
+        self._first_step: Optional[int] = None
+        if not is_main:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        # Append: a resumed run continues the same file (steps already logged are not repeated).
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if logging_cfg.wandb and logging_cfg.wandb_mode != "disabled":
+            import wandb  # optional dependency, imported only when asked for
+
+            self._wandb_run = wandb.init(
+                project=logging_cfg.wandb_project,
+                group=logging_cfg.wandb_group,
+                mode=logging_cfg.wandb_mode,
+                dir=run_dir,
+                config=config_dict,
+                resume="allow",
+                id=_stable_wandb_id(run_dir),
+            )
+
+    def log(self, metrics: Dict[str, float], *, print_line: bool) -> None:
+        if not self.is_main:
+            return
+        step = int(metrics["step"])
+        if self._first_step is None:
+            self._first_step = step - 1
+            self._start = time.monotonic() - metrics.get("step_time_s", 0.0)
+        done = step - self._first_step
+        elapsed = time.monotonic() - self._start
+        eta = elapsed / max(done, 1) * (self.max_steps - step)
+        self._jsonl.write(json.dumps(metrics, sort_keys=True) + "\n")
+        if print_line and self.logging_cfg.console:
+            print(console_line(metrics, max_steps=self.max_steps, eta_s=eta), flush=True, file=sys.stdout)
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def _stable_wandb_id(run_dir: str) -> str:
+    """One wandb run per run directory, so a resumed run continues the same wandb run."""
+    import hashlib
+
+    return hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:16]

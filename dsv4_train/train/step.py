@@ -1,0 +1,119 @@
+"""One optimizer step through Megatron-Core's forward-backward schedule.
+
+The schedule runs every micro-batch (and the pipeline when PP > 1); `finalize_model_grads` (set on
+the TransformerConfig by `wire_model_config`) reduces gradients over DP/TP/CP, all-reduces
+embedding grads between stages and applies the noaux_tc expert-bias update; then the optimizer
+clips and steps, and the LR scheduler advances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Iterator, List
+
+import torch
+
+
+@dataclass
+class StepResult:
+    lm_loss: float
+    grad_norm: float
+    lr: float
+    num_tokens: int
+    update_successful: bool
+    aux: Dict[str, float]
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron 3-tuple convention: (sum of masked token losses, token count, values to report).
+
+    The schedule divides the sum by the token count and the number of micro-batches, so the
+    gradient is that of the mean token loss of the global batch.
+    """
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm_loss": report}
+
+
+def forward_step(data_iterator: Iterator, model: torch.nn.Module):
+    batch = next(data_iterator)
+    device = _module_device(model)
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    output = model(tokens, position_ids, labels=labels, loss_mask=loss_mask)
+    return output, partial(loss_func, loss_mask)
+
+
+def _module_device(model: torch.nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def wire_model_config(model_chunks: List[torch.nn.Module], optimizer) -> None:
+    """Point the schedule at our DDP hooks and Megatron's grad finalisation."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(model_chunks[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in model_chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+
+def train_step(
+    *,
+    data_iterator: Iterator,
+    model_chunks: List[torch.nn.Module],
+    optimizer,
+    scheduler,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    drain_aux_losses,
+) -> StepResult:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    iterators = data_iterator if len(model_chunks) == 1 else [data_iterator] * len(model_chunks)
+    outputs = forward_backward(
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+
+    # Every rank joins the reductions; non-last pipeline stages contribute zeros.
+    totals = torch.zeros(2, dtype=torch.float64)
+    for micro in outputs or []:
+        totals += micro["lm_loss"].detach().to("cpu", torch.float64)
+    device = _module_device(model_chunks[0])
+    totals = totals.to(device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    # TP/CP ranks each hold a copy of (a share of) the same tokens: the ratio is the global mean.
+    lm_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    lr = optimizer.param_groups[0]["lr"]
+    return StepResult(
+        lm_loss=lm_loss,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        lr=float(lr),
+        num_tokens=int(num_microbatches * micro_batch_size * seq_length),
+        update_successful=bool(update_successful),
+        aux=drain_aux_losses(),
+    )
