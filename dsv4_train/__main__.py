@@ -1,4 +1,9 @@
-"""`python -m dsv4_train conf=<recipe> [key=value ...]`: compose the config with Hydra and run it."""
+"""`python -m dsv4_train conf=<recipe> [key=value ...]`: compose the config with Hydra and run it.
+
+Before Hydra creates any output directory, the command line is composed, typed and validated, and
+the data inputs and a requested checkpoint are checked (`run_with_friendly_errors`); a mistake ends
+the process with one message and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,17 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dsv4_train.config.load import CONFIG_DIR, to_typed
+from dsv4_train.config.load import CONFIG_DIR, exit_on_config_error, run_with_friendly_errors, to_typed
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
+@exit_on_config_error
 def _hydra_entry(cfg: DictConfig) -> None:
     from dsv4_train.cli import EXIT_USER_ERROR, execute, report_user_error
 
     try:
-        typed = to_typed(cfg)
-        code = execute(typed, yaml_text=OmegaConf.to_yaml(cfg, resolve=True))
-    except ValueError as error:
+        code = execute(to_typed(cfg), yaml_text=OmegaConf.to_yaml(cfg, resolve=True))
+    except ValueError as error:  # data / checkpoint input errors found inside the job
         report_user_error(error)
         sys.exit(EXIT_USER_ERROR)
     if code:
@@ -25,7 +30,9 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _hydra_entry()
+    from dsv4_train.cli import preflight_inputs
+
+    run_with_friendly_errors(_hydra_entry, extra_check=preflight_inputs)
 
 
 if __name__ == "__main__":

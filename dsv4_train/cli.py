@@ -45,6 +45,18 @@ def _prepare_run_dir(cfg: Config, yaml_text: str, rank: int) -> None:
     sys.stderr = _Tee(sys.stderr, log)
 
 
+def preflight_inputs(cfg: Config) -> None:
+    """Read-only checks of what the run will open: data inputs and a requested checkpoint."""
+    if cfg.run.plan_only:
+        return
+    from dsv4_train.checkpoint.io import resolve_load_path
+    from dsv4_train.data import check_data_inputs
+    from dsv4_train.train.loop import checkpoint_root
+
+    check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
+    resolve_load_path(cfg.checkpoint.load, checkpoint_root(cfg))
+
+
 def execute(cfg: Config, *, yaml_text: str) -> int:
     """Validate, derive, and run the plan or the training. Returns the exit code."""
     from dsv4_train.config.derive import derive
@@ -63,9 +75,7 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
             os.makedirs(cfg.run.dir, exist_ok=True)
             write_plan(plan, os.path.join(cfg.run.dir, "plan.json"))
         return 0
-    from dsv4_train.data import check_data_inputs
-
-    check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
+    preflight_inputs(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)
     from dsv4_train.train.loop import run_training
 
@@ -74,4 +84,4 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
 
 def report_user_error(error: BaseException) -> None:
     message = " ".join(str(error).split("\n")) if "\n" not in str(error).strip() else str(error).strip()
-    print(f"dsv4_train: error: {message}", file=sys.stderr, flush=True)
+    print(f"dsv4-train: error: {message}", file=sys.stderr, flush=True)

@@ -38,6 +38,10 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     moe_dispatcher: str = "alltoall"  # alltoall | allgather
     pipeline_layout: Optional[str] = None  # explicit layout; None derives one
+    # Megatron layout syntax, e.g. "Et*11|t*11|t*11|t*10,mL" (E embedding, t layer, m MTP, L loss,
+    # '|' between virtual stages in stage order). Needed when num_layers is not divisible by pp*vpp.
+    world_size: Optional[int] = None  # the world size this layout is written for; checked against
+    # the launched one, and used by run.plan_only when nothing is launched. None = whatever is launched.
 
 
 @dataclass
@@ -55,6 +59,7 @@ class OptimConfig:
     decay_style: str = "cosine"  # constant | cosine | linear | wsd
     decay_steps: Optional[int] = None  # None = train.max_steps - warmup_steps
     wsd_decay_steps: Optional[int] = None  # length of the final WSD decay; None = 20% of decay_steps
+    wsd_decay_style: str = "cosine"  # shape of the final WSD decay: cosine | linear | exponential | minus_sqrt
 
 
 @dataclass
@@ -67,6 +72,9 @@ class TrainConfig:
     seq_length: int = 64
     precision: str = "fp32"  # fp32 | bf16
     log_interval: int = 1
+    # Activation recompute: none | selective (norms, q up-projection, SwiGLU, mHC mixing) | full
+    # (every block recomputed from its input streams). Also the assumption of the memory plan.
+    recompute: str = "none"
     deterministic: bool = False
 
 
@@ -80,6 +88,7 @@ class DataConfig:
     split: str = "98,2,0"
     cache_dir: Optional[str] = None  # None = <repo>/.cache/data (embedded corpus, tokenizer, index caches)
     num_workers: int = 0
+    eod_token: Optional[str] = None  # end-of-document token of data.tokenizer; None = first known one (<|endoftext|>, DeepSeek's, </s>, ...)
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""A run plan without hardware: parameter counts, FLOPs per token and per-GPU memory of the
+configured model and parallel layout, from arithmetic alone (no model is built, no torch import).
+
+    plan = make_plan(cfg, world_size=64); print_plan(plan); write_plan(plan, "run/plan.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+from dsv4_train.config.derive import derive
+from dsv4_train.config.validate import validate
+from dsv4_train.plan.flops import flops_per_token
+from dsv4_train.plan.memory import GIB, RECOMPUTE_MODES, rank_memory
+from dsv4_train.plan.params import count_params
+
+GPU_MEMORY_GIB = 80 * 1000**3 / GIB  # an "80 GB" GPU (H100/A100), in GiB
+
+
+def make_plan(
+    cfg,
+    *,
+    world_size: Optional[int] = None,
+    recompute: Optional[str] = None,
+    gpu_memory_gib: float = GPU_MEMORY_GIB,
+) -> dict:
+    """Validate `cfg` for `world_size` (None: cfg.parallel.world_size, else 1) and compute the plan.
+
+    Returns a JSON-serialisable dict: model/layout summary, params_total (main model without MTP),
+    params_active (main model, per token: embedding + head + everything but the unused routed
+    experts), params_mtp, params_with_mtp, flops_per_token (+ breakdown, Megatron-Bridge
+    conventions, MTP included), memory per pipeline rank for each recompute mode, and whether the
+    worst rank fits `gpu_memory_gib` under `recompute`.
+    """
+    recompute = recompute or cfg.train.recompute
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute={recompute!r}; use one of {RECOMPUTE_MODES}")
+    if world_size is None:
+        world_size = cfg.parallel.world_size or 1
+    # A plan reads no data: check the config as run.plan_only=true would run it.
+    validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, plan_only=True)), world_size=world_size)
+    d = derive(cfg, world_size=world_size)
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    params = count_params(m)
+    k = m.num_experts_per_tok
+    flops = flops_per_token(m, seq_length=t.seq_length, tp=p.tp)
+    memory = {mode: rank_memory(cfg, d, recompute=mode) for mode in RECOMPUTE_MODES}
+    worst = max(r["total_gib"] for r in memory[recompute])
+    return {
+        "model": m.name,
+        "layout": {
+            "world_size": world_size,
+            "tp": p.tp, "pp": p.pp, "vpp": d.vpp, "cp": p.cp, "dp": d.dp,
+            "ep": d.ep, "etp": d.etp, "edp": d.edp, "sp": p.sp,
+            "distributed_optimizer": p.distributed_optimizer,
+            "pipeline_layout": d.layout_str,
+            "stages": [
+                {"pp_rank": s.pp_rank, "vpp_stage": s.vpp_stage, "decoder_layers": s.decoder_layers,
+                 "mtp_layers": s.mtp_layers, "hash_layers": s.hash_layers,
+                 "embedding": s.has_embedding, "loss": s.has_loss}
+                for s in d.stages
+            ],
+        },
+        "batch": {
+            "seq_length": t.seq_length,
+            "micro_batch_size": t.micro_batch_size,
+            "global_batch_size": t.global_batch_size,
+            "num_microbatches": d.num_microbatches,
+            "tokens_per_step": d.tokens_per_step,
+            "precision": t.precision,
+        },
+        "schedule": {"decay_start_step": d.decay_start_step, "decay_end_step": d.decay_end_step},
+        "params_total": params.main_total,
+        "params_active": params.main_active(k),
+        "params_mtp": params.mtp_total,
+        "params_with_mtp": params.main_total + params.mtp_total,
+        "params_embedding": params.embedding,
+        "params_output_layer": params.output_layer,
+        "flops_per_token": flops["total"],
+        "flops_per_token_without_mtp": flops["total_without_mtp"],
+        "flops_breakdown": {k_: v for k_, v in flops.items() if not k_.startswith("total")},
+        "flops_per_step": flops["total"] * d.tokens_per_step,
+        "memory_assumptions": (
+            f"{t.precision} weights, fp32 main grads, "
+            + ("fp32 master + Adam moments" if t.precision == "bf16" else "fp32 Adam moments")
+            + (" sharded by the distributed optimizer over dp*cp (dense) / expert-dp (experts)"
+               if p.distributed_optimizer else " replicated (no distributed optimizer)")
+            + "; fused attention (no s^2 scores); 1F1B in-flight micro-batches; 5 GiB overhead"
+        ),
+        "memory_per_rank": memory,
+        "recompute": recompute,
+        "gpu_memory_gib": gpu_memory_gib,
+        "max_rank_memory_gib": worst,
+        "fits": worst <= gpu_memory_gib,
+    }
+
+
+def _b(n: float) -> str:
+    """Human scale: 1.234T, 12.34B (G for FLOPs reads the same), 0.51M."""
+    return f"{n / 1e12:.3f}T" if n >= 1e12 else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def format_plan(plan: dict) -> str:
+    lay, bat = plan["layout"], plan["batch"]
+    lines = [
+        f"plan: model={plan['model']}  world={lay['world_size']}  tp={lay['tp']} pp={lay['pp']} "
+        f"vpp={lay['vpp']} cp={lay['cp']} dp={lay['dp']} ep={lay['ep']} etp={lay['etp']} "
+        f"edp={lay['edp']} sp={lay['sp']}",
+        f"  pipeline layout   {lay['pipeline_layout']}",
+        f"  batch             seq {bat['seq_length']} x micro {bat['micro_batch_size']} x "
+        f"{bat['num_microbatches']} micro-batches x dp = {bat['global_batch_size']} seqs "
+        f"({bat['tokens_per_step'] / 1e6:.2f}M tokens/step), {bat['precision']}",
+        f"  params            total {_b(plan['params_total'])} (without MTP)  active "
+        f"{_b(plan['params_active'])}  MTP {_b(plan['params_mtp'])}  with MTP "
+        f"{_b(plan['params_with_mtp'])}",
+        f"  model FLOPs/token {_b(plan['flops_per_token'])}FLOP (with MTP; "
+        f"{_b(plan['flops_per_token_without_mtp'])}FLOP without; Megatron-Bridge convention)",
+        f"  memory per GPU (GiB), recompute={plan['recompute']}; {plan['memory_assumptions']}",
+        "    pp_rank   dense     experts   weights  grads   optim   activ   total",
+    ]
+    for r in plan["memory_per_rank"][plan["recompute"]]:
+        lines.append(
+            f"    {r['pp_rank']:>7}   {_b(r['params_dense']):>8}  {_b(r['params_expert']):>8}  "
+            f"{r['weights_gib']:7.1f} {r['grads_gib']:7.1f} {r['optimizer_gib']:7.1f} "
+            f"{r['activations_gib']:7.1f} {r['total_gib']:7.1f}"
+        )
+    worst = {mode: max(r["total_gib"] for r in rows) for mode, rows in plan["memory_per_rank"].items()}
+    lines.append(
+        "  worst rank by recompute mode: "
+        + ", ".join(f"{mode} {gib:.1f}" for mode, gib in worst.items())
+        + f" GiB; limit {plan['gpu_memory_gib']:.1f} GiB -> "
+        + ("FITS" if plan["fits"] else "DOES NOT FIT")
+    )
+    return "\n".join(lines)
+
+
+def print_plan(plan: dict) -> None:
+    print(format_plan(plan))
+
+
+def write_plan(plan: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(plan, indent=2) + "\n")
+    return path

@@ -18,7 +18,7 @@ from dsv4_train.checkpoint.io import TrainState, load_checkpoint, resolve_load_p
 from dsv4_train.config.schema import Config
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.metrics import MetricsSink
-from dsv4_train.train.optimizer import build_optimizer, lr_decay_start_step
+from dsv4_train.train.optimizer import build_optimizer
 from dsv4_train.train.step import train_step, wire_model_config
 
 
@@ -123,14 +123,14 @@ def run_training(cfg: Config, derived) -> int:
     )
 
     model_chunks = build_model_chunks(cfg)
-    optimizer, scheduler = build_optimizer(model_chunks, optim=cfg.optim, train=train_cfg, parallel=par)
+    optimizer, scheduler = build_optimizer(model_chunks, cfg=cfg)
     wire_model_config(model_chunks, optimizer)
     if load_path is not None:
         start = load_checkpoint(load_path, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler)
         if runtime.is_main:
             print(f"resumed from {load_path} at step {start.step}", flush=True)
 
-    decay_start = lr_decay_start_step(cfg.optim, train_cfg)
+    decay_start = derived.decay_start_step
 
     def mtp_weight_for(step: int) -> float:
         decaying = decay_start is not None and step > decay_start

@@ -11,42 +11,23 @@ from typing import List, Optional
 
 import torch
 
-from dsv4_train.config.schema import OptimConfig, ParallelConfig, TrainConfig
+from dsv4_train.config.derive import decay_points
+from dsv4_train.config.schema import Config
 
 _DECAY_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear", "wsd": "WSD"}
-
-
-def lr_decay_end_step(optim: OptimConfig, train: TrainConfig) -> int:
-    """Step at which the LR reaches min_lr (Megatron counts it from step 0, warm-up included)."""
-    decay_steps = optim.decay_steps if optim.decay_steps is not None else train.max_steps - optim.warmup_steps
-    return optim.warmup_steps + max(decay_steps, 1)
-
-
-def wsd_decay_steps(optim: OptimConfig, train: TrainConfig) -> int:
-    decay_total = lr_decay_end_step(optim, train) - optim.warmup_steps
-    return optim.wsd_decay_steps if optim.wsd_decay_steps is not None else max(1, int(0.2 * decay_total))
-
-
-def lr_decay_start_step(optim: OptimConfig, train: TrainConfig) -> Optional[int]:
-    """First step whose LR is below the peak; None when the LR never decays (constant)."""
-    if optim.decay_style == "constant":
-        return None
-    if optim.decay_style == "wsd":
-        return lr_decay_end_step(optim, train) - wsd_decay_steps(optim, train)
-    return optim.warmup_steps
 
 
 def build_optimizer(
     model_chunks: List[torch.nn.Module],
     *,
-    optim: OptimConfig,
-    train: TrainConfig,
-    parallel: ParallelConfig,
+    cfg: Config,
 ):
-    """Returns (MegatronOptimizer, OptimizerParamScheduler)."""
+    """Returns (MegatronOptimizer, OptimizerParamScheduler) for the run's `optim` section."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    optim, train, parallel = cfg.optim, cfg.train, cfg.parallel
+    decay_start, decay_end = decay_points(cfg)
     bf16 = train.precision == "bf16"
     config = OptimizerConfig(
         optimizer="adam",
@@ -69,13 +50,13 @@ def build_optimizer(
         max_lr=optim.lr,
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps,
-        lr_decay_steps=lr_decay_end_step(optim, train),
+        lr_decay_steps=max(decay_end, optim.warmup_steps + 1),
         lr_decay_style=style,
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=max(train.max_steps, 1),
         wd_incr_style="constant",
-        wsd_decay_steps=wsd_decay_steps(optim, train) if style == "WSD" else None,
-        lr_wsd_decay_style="linear" if style == "WSD" else None,
+        wsd_decay_steps=(decay_end - decay_start) if style == "WSD" else None,
+        lr_wsd_decay_style=optim.wsd_decay_style if style == "WSD" else None,
     )
     return optimizer, scheduler

@@ -1,0 +1,177 @@
+"""Values derived once from a validated config: parallel sizes, micro-batches, schedule points and
+the pipeline layout (which layers live on which (pp rank, virtual stage)).
+
+The layout uses Megatron-Core's `pipeline_model_parallel_layout` string syntax ("E" embedding,
+"t" decoder layer, "m" MTP layer, "L" loss, "|" between virtual stages listed in stage order,
+"(..)*n" and "x*n" repeat, commas are cosmetic); `layout_str` is always filled so the model builder
+can hand Megatron an explicit layout. It is parsed here in plain Python so that planning and
+validation never import megatron.core.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+LAYOUT_CHARS = {"E": "embedding", "t": "decoder", "m": "mtp", "L": "loss"}
+
+
+@dataclass
+class StageLayout:
+    """One virtual pipeline stage: the layers it builds."""
+
+    pp_rank: int
+    vpp_stage: int
+    decoder_layers: List[int]  # global main-layer indices
+    mtp_layers: List[int]  # MTP depth indices (0-based)
+    has_embedding: bool
+    has_loss: bool
+    hash_layers: List[int]  # the hash-routed decoder layers of this stage
+
+
+@dataclass
+class Derived:
+    world_size: int
+    dp: int  # data-parallel size of the dense part
+    ep: int
+    etp: int  # expert tensor parallel (defaults to tp)
+    edp: int  # expert data-parallel: tp * cp * dp / (ep * etp)
+    vpp: int  # virtual stages per pp rank (1 when not interleaved)
+    num_microbatches: int  # per optimizer step, per DP rank
+    tokens_per_step: int  # global_batch_size * seq_length
+    decay_start_step: Optional[int]  # first step of LR decay (MTP weight switch); None = never
+    decay_end_step: int
+    layout_str: str  # Megatron pipeline_model_parallel_layout string
+    stages: List[StageLayout] = field(default_factory=list)  # ordered by (vpp_stage, pp_rank)
+
+    def stage(self, pp_rank: int, vpp_stage: int = 0) -> StageLayout:
+        for s in self.stages:
+            if s.pp_rank == pp_rank and s.vpp_stage == vpp_stage:
+                return s
+        raise KeyError((pp_rank, vpp_stage))
+
+    def stages_of_rank(self, pp_rank: int) -> List[StageLayout]:
+        return [s for s in self.stages if s.pp_rank == pp_rank]
+
+
+def parse_layout(layout: str) -> List[List[str]]:
+    """Megatron's layout grammar -> one list of layer kinds per virtual stage (stage order).
+
+    Raises ValueError on characters outside E/t/m/L.
+    """
+    text = layout.replace(",", "").replace(" ", "")
+    for pattern in (r"\(([^)]+)\)\*(\d+)", r"(.)\*(\d+)"):
+        text = re.sub(pattern, lambda x: x.group(1) * int(x.group(2)), text)
+    stages = []
+    for stage in text.split("|"):
+        kinds = []
+        for ch in stage:
+            if ch not in LAYOUT_CHARS:
+                raise ValueError(
+                    f"parallel.pipeline_layout={layout!r} contains {ch!r}; use only E (embedding), "
+                    "t (decoder layer), m (MTP layer), L (loss), '|' between stages, (..)*n and x*n."
+                )
+            kinds.append(LAYOUT_CHARS[ch])
+        stages.append(kinds)
+    return stages
+
+
+def default_layout(*, num_layers: int, mtp_num_layers: int, pp: int, vpp: int) -> str:
+    """Even split of the decoder layers over pp*vpp virtual stages; MTP and loss on the last one.
+
+    Assumes num_layers % (pp * vpp) == 0 (validate() checks it when no explicit layout is given).
+    """
+    n_stages = pp * vpp
+    per_stage = num_layers // n_stages
+    parts = []
+    for i in range(n_stages):
+        s = ("E" if i == 0 else "") + "t" * per_stage
+        if i == n_stages - 1:
+            s += "m" * mtp_num_layers + "L"
+        parts.append(s)
+    return "|".join(compress_stage(p) for p in parts)
+
+
+def compress_stage(stage: str) -> str:
+    """'Ettt' -> 'Et*3' (readability only)."""
+    return re.sub(r"(t{2,})", lambda x: f"t*{len(x.group(1))}", stage)
+
+
+def build_stages(layout: str, *, pp: int, num_hash_layers: int) -> List[StageLayout]:
+    """Assign global layer indices to each virtual stage of a parsed layout."""
+    parsed = parse_layout(layout)
+    stages = []
+    next_decoder = next_mtp = 0
+    for i, kinds in enumerate(parsed):
+        decoder, mtp = [], []
+        for kind in kinds:
+            if kind == "decoder":
+                decoder.append(next_decoder)
+                next_decoder += 1
+            elif kind == "mtp":
+                mtp.append(next_mtp)
+                next_mtp += 1
+        st = StageLayout(
+            pp_rank=i % pp,
+            vpp_stage=i // pp,
+            decoder_layers=decoder,
+            mtp_layers=mtp,
+            has_embedding="embedding" in kinds,
+            has_loss="loss" in kinds,
+            hash_layers=[j for j in decoder if j < num_hash_layers],
+        )
+        stages.append(st)
+    return stages
+
+
+def decay_points(cfg) -> tuple:
+    """(decay_start_step, decay_end_step) of the LR schedule.
+
+    decay_steps defaults to max_steps - warmup_steps; cosine/linear decay from warmup_steps to
+    warmup_steps + decay_steps; WSD holds the peak and decays over its last wsd_decay_steps (default
+    20% of decay_steps); constant never decays (None).
+    """
+    o, t = cfg.optim, cfg.train
+    decay_steps = o.decay_steps if o.decay_steps is not None else max(t.max_steps - o.warmup_steps, 0)
+    end = o.warmup_steps + decay_steps
+    if o.decay_style == "constant":
+        return None, end
+    if o.decay_style == "wsd":
+        wsd = o.wsd_decay_steps if o.wsd_decay_steps is not None else int(0.2 * decay_steps)
+        return end - wsd, end
+    return o.warmup_steps, end
+
+
+def derive(cfg, *, world_size: Optional[int] = None) -> Derived:
+    """Derived values of a config already passed through validate().
+
+    world_size None uses cfg.parallel.world_size, else 1 (a single process).
+    """
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if world_size is None:
+        world_size = p.world_size if getattr(p, "world_size", None) else 1
+    etp = p.etp if p.etp is not None else p.tp
+    model_ranks = p.tp * p.pp * p.cp
+    assert world_size % model_ranks == 0, "validate() must run before derive()"
+    dp = world_size // model_ranks
+    edp = (p.tp * p.cp * dp) // (p.ep * etp)
+    vpp = p.vpp or 1
+    layout = p.pipeline_layout or default_layout(
+        num_layers=m.num_layers, mtp_num_layers=m.mtp_num_layers, pp=p.pp, vpp=vpp
+    )
+    start, end = decay_points(cfg)
+    return Derived(
+        world_size=world_size,
+        dp=dp,
+        ep=p.ep,
+        etp=etp,
+        edp=edp,
+        vpp=vpp,
+        num_microbatches=t.global_batch_size // (t.micro_batch_size * dp),
+        tokens_per_step=t.global_batch_size * t.seq_length,
+        decay_start_step=start,
+        decay_end_step=end,
+        layout_str=layout,
+        stages=build_stages(layout, pp=p.pp, num_hash_layers=m.num_hash_layers),
+    )

@@ -1,0 +1,264 @@
+"""One-paragraph messages for configuration mistakes, and the wrapper the entry point runs under.
+
+Hydra reports composition errors as several lines plus a config search path, and errors raised
+inside the task with a traceback. `run_with_friendly_errors` composes (and for `-m`, every sweep
+value) with the compose API *before* handing over to `@hydra.main`, so an unknown key, a wrong type,
+an unknown recipe or group option, or a failed `validate()` ends the process with exit status 2 and
+a single message naming the key or value and the fix, before any output directory is created.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence
+
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from dsv4_train.config.validate import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+
+
+class UnknownKeyError(ValueError):
+    """A key that is not a field of the schema (added with '+' on the command line or in YAML)."""
+
+    def __init__(self, message: str, keys: List[str]):
+        super().__init__(message)
+        self.keys = list(keys)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _full_key(text: str) -> Optional[str]:
+    m = re.search(r"full_key:\s*(\S+)", text)
+    return m.group(1) if m else None
+
+
+def _schema_fields(full_key: str) -> List[str]:
+    """Field names of the section holding `full_key` (for 'did you mean')."""
+    import dataclasses
+
+    from dsv4_train.config.schema import Config
+
+    cls = Config
+    for part in full_key.split(".")[:-1]:
+        f = {x.name: x for x in dataclasses.fields(cls)}.get(part)
+        if f is None or not dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
+            return []
+        cls = type(f.default_factory())
+    return [x.name for x in dataclasses.fields(cls)]
+
+
+def _did_you_mean(full_key: str) -> str:
+    leaf = full_key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, _schema_fields(full_key), n=3)
+    prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+    return f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+
+
+def friendly_message(exc: BaseException) -> str:
+    """A single paragraph (or, for ConfigError, one line per problem) describing a config mistake."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, UnknownKeyError):
+        return _one_line(str(exc))
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(exc)
+    if isinstance(exc, MissingConfigException) or "Could not find '" in text:
+        m = re.search(r"Could not find '([^']+)'", text)
+        missing = m.group(1) if m else "?"
+        group, _, value = missing.rpartition("/")
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        if group == "conf":
+            what = f"Unknown recipe conf={value}"
+            where = "recipes/"
+        elif group:
+            what = f"Unknown option {group}={value}"
+            where = f"conf/{group}/"
+        else:
+            what, where = f"Cannot find config '{missing}'", "conf/"
+        avail = f" Available: {', '.join(options)}." if options else ""
+        return f"{what}: there is no {where}{value}.yaml.{avail} Pick one of them (or add the file)."
+    if isinstance(exc, OverrideParseException):
+        first = text.splitlines()[0] if text else ""
+        return (
+            f"{_one_line(first)}: command-line overrides look like key=value (train.max_steps=10), "
+            "group=option (model=flash, conf=flash_pretrain), or +key=value to add a new key."
+        )
+    if "Ambiguous value for argument" in text:
+        m = re.search(r"argument '([^']+)'", text)
+        arg = m.group(1) if m else "?"
+        return (
+            f"The override '{arg}' has a comma-separated value: add -m (--multirun) to sweep over the "
+            "values, quote it (key='a,b') for a string, or write key=[a,b] for a list."
+        )
+    cause = _root_cause(exc)
+    ctext = str(cause)
+    key = _full_key(ctext)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        return (
+            f"Unknown config key '{key}': {_one_line(ctext.splitlines()[0])}.{_did_you_mean(key)} "
+            "Check the spelling; `python -m dsv4_train --cfg job` prints every key."
+        )
+    if isinstance(cause, ValidationError) and key:
+        return (
+            f"Wrong type for '{key}': {_one_line(ctext.splitlines()[0])}. Give a value of the "
+            f"field's type (see dsv4_train/config/schema.py or `--cfg job`)."
+        )
+    lines = [ln for ln in (text + "\n" + ctext).splitlines() if ln.strip() and not ln.startswith("\t")]
+    return _one_line(" ".join(dict.fromkeys(lines)))  # keep order, drop repeats
+
+
+def check_known_keys(node, cls, prefix: str = "") -> None:
+    """Raise UnknownKeyError for keys of a composed DictConfig that `cls` (a dataclass) lacks."""
+    import dataclasses
+
+    from omegaconf import DictConfig
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = []
+    for key in node.keys():
+        if key not in fields:
+            unknown.append(prefix + str(key))
+            continue
+        child = node._get_node(key)
+        f = fields[key]
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(sub):
+            try:
+                check_known_keys(child, type(sub), prefix + f"{key}.")
+            except UnknownKeyError as e:
+                unknown.extend(e.keys)
+    if unknown:
+        hints = "".join(_did_you_mean(k) for k in unknown)
+        raise UnknownKeyError(
+            f"Unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not a field "
+            f"of the schema (dsv4_train/config/schema.py), so it would be ignored.{hints} Remove it "
+            "or fix the spelling ('+key=value' only adds keys the schema does not know).",
+            unknown,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight composition for the @hydra.main entry point.
+
+
+def _glob_values(override, config_dir: str) -> List[str]:
+    group_dir = Path(config_dir) / override.key_or_group
+    options = sorted(p.stem for p in group_dir.glob("*.yaml"))
+    glob = override.value()
+    keep = [o for o in options if any(fnmatch.fnmatch(o, g) for g in glob.include)]
+    return [o for o in keep if not any(fnmatch.fnmatch(o, g) for g in glob.exclude)]
+
+
+def override_sets(overrides: Sequence[str], *, multirun: bool, config_dir: str) -> List[List[str]]:
+    """The override lists to pre-compose: the overrides themselves, or for a sweep one list per
+    swept value (the other sweeps at their first value), which checks every value once."""
+    if not multirun:
+        return [list(overrides)]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    choices = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            choices.append([o.input_line])
+            continue
+        prefix = o.get_key_element()
+        values = (
+            _glob_values(o, config_dir) if isinstance(o.value(), Glob) else list(o.sweep_string_iterator())
+        )
+        choices.append([f"{prefix}={v}" for v in values] or [])
+    base = [c[0] for c in choices if c]
+    sets = [base]
+    for i, c in enumerate(choices):
+        for alt in c[1:]:
+            s = list(base)
+            s[[j for j, cc in enumerate(choices) if cc].index(i)] = alt
+            sets.append(s)
+    return sets
+
+
+def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None]] = None) -> None:
+    """Compose, type and validate what `argv` asks for; raise on the first mistake.
+
+    extra_check(typed_config) runs after validation for checks that read the file system (data
+    inputs, a requested checkpoint); it must not write anything."""
+    from hydra._internal.utils import get_args_parser
+
+    from dsv4_train.config import load
+    from dsv4_train.config.validate import validate
+
+    args = get_args_parser().parse_args(list(argv))
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return
+    if args.config_path or args.config_name or args.config_dir:
+        return  # a different primary config: leave it all to Hydra
+    world = os.environ.get("WORLD_SIZE")
+    for overrides in override_sets(args.overrides, multirun=args.multirun, config_dir=load.CONFIG_DIR):
+        typed = load.to_typed(load.compose_dict(overrides))
+        if not args.cfg:  # --cfg only prints; do not refuse to show an invalid config
+            validate(typed, world_size=int(world) if world else None)
+            if extra_check is not None:
+                extra_check(typed)
+
+
+def report(exc: BaseException, stream=None) -> None:
+    print(f"dsv4-train: configuration error: {friendly_message(exc)}", file=stream or sys.stderr)
+
+
+def run_with_friendly_errors(
+    hydra_entry: Callable[[], object],
+    argv: Optional[Sequence[str]] = None,
+    extra_check: Optional[Callable[[object], None]] = None,
+):
+    """Pre-compose the command line, report a mistake in one message (exit 2), else run Hydra.
+
+    hydra_entry: the `@hydra.main`-decorated function, called without arguments (it reads
+    sys.argv). argv: the arguments after the program name; default sys.argv[1:].
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        preflight(argv, extra_check)
+    except Exception as exc:  # every composition / validation failure ends here, no traceback
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        report(exc)
+        raise SystemExit(EXIT_CONFIG_ERROR)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "dsv4-train", *argv]
+    try:
+        return hydra_entry()
+    finally:
+        sys.argv = saved
+
+
+def exit_on_config_error(task: Callable) -> Callable:
+    """Decorator for the Hydra task: a ConfigError raised inside (e.g. validate() with the real
+    world size) prints one message and exits 2 instead of Hydra's traceback report."""
+    import functools
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except (ConfigError, UnknownKeyError) as exc:
+            report(exc)
+            raise SystemExit(EXIT_CONFIG_ERROR)
+
+    return wrapper

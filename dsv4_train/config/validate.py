@@ -1,0 +1,292 @@
+"""Cross-field checks of a composed config.
+
+Types and unknown keys are already enforced by Hydra's struct mode; this module checks what a
+schema cannot: divisibility of the parallel layout, the V4 layer schedule, batch arithmetic, the
+LR schedule. `validate()` collects EVERY problem before raising, so one failed launch shows them
+all; each problem names the field(s) and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from dsv4_train.config.derive import parse_layout
+
+PRECISIONS = ("fp32", "bf16")
+RECOMPUTE_MODES = ("none", "selective", "full")
+DECAY_STYLES = ("constant", "cosine", "linear", "wsd")
+WSD_DECAY_STYLES = ("cosine", "linear", "exponential", "minus_sqrt")
+INDEXER_PHASES = ("dense", "warmup", "sparse")
+DISPATCHERS = ("alltoall", "allgather")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_KINDS = ("embedded", "indexed", "mock")
+WANDB_MODES = ("offline", "online", "disabled")
+SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
+CHECKPOINT_LOAD_KEYWORDS = ("auto", "none")
+
+
+class ConfigError(ValueError):
+    """A config that composes but cannot run; `problems` lists each one."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = list(problems)
+        n = len(self.problems)
+        head = f"invalid configuration ({n} problem{'s' if n != 1 else ''}):"
+        super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
+
+
+def _one_of(problems, name, value, allowed):
+    if value not in allowed:
+        problems.append(f"{name}={value!r} is not allowed; use one of {', '.join(map(str, allowed))}.")
+
+
+def _positive(problems, name, value):
+    if value is None or value <= 0:
+        problems.append(f"{name}={value} must be a positive integer.")
+
+
+def check_model(m, problems: List[str]) -> None:
+    for name in (
+        "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "head_dim",
+        "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "index_n_heads",
+        "index_head_dim", "hc_mult", "hc_sinkhorn_iters", "num_routed_experts",
+        "num_experts_per_tok", "moe_intermediate_size",
+    ):
+        _positive(problems, f"model.{name}", getattr(m, name))
+    if m.index_topk <= 0:
+        problems.append(f"model.index_topk={m.index_topk} must be > 0 (compressed entries kept per query in CSA).")
+    if m.mtp_num_layers < 0 or m.num_shared_experts < 0 or m.num_hash_layers < 0:
+        problems.append(
+            "model.mtp_num_layers, model.num_shared_experts and model.num_hash_layers must be >= 0 "
+            f"(got {m.mtp_num_layers}, {m.num_shared_experts}, {m.num_hash_layers})."
+        )
+    if m.qk_rope_head_dim % 2 or not (0 < m.qk_rope_head_dim <= m.head_dim):
+        problems.append(
+            f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and in (0, model.head_dim="
+            f"{m.head_dim}]; RoPE rotates pairs of the last qk_rope_head_dim dims of each head."
+        )
+    if m.o_groups > 0 and m.num_attention_heads % m.o_groups:
+        problems.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by model.o_groups="
+            f"{m.o_groups}; each output group must own a whole number of heads."
+        )
+    expected = m.num_layers + m.mtp_num_layers
+    if len(m.compress_ratios) != expected:
+        problems.append(
+            f"model.compress_ratios has {len(m.compress_ratios)} entries but needs num_layers + "
+            f"mtp_num_layers = {m.num_layers} + {m.mtp_num_layers} = {expected} (one per main layer, "
+            "then one per MTP layer)."
+        )
+    bad = sorted({r for r in m.compress_ratios if r < 0})
+    if bad:
+        problems.append(
+            f"model.compress_ratios contains {bad}; use 0 (sliding window only), 4 (CSA) or another "
+            "positive ratio (HCA)."
+        )
+    if m.num_hash_layers > m.num_layers:
+        problems.append(
+            f"model.num_hash_layers={m.num_hash_layers} exceeds model.num_layers={m.num_layers}."
+        )
+    if m.num_experts_per_tok > m.num_routed_experts:
+        problems.append(
+            f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds model.num_routed_experts="
+            f"{m.num_routed_experts}."
+        )
+    _one_of(problems, "model.indexer_phase", m.indexer_phase, INDEXER_PHASES)
+    _one_of(problems, "model.score_function", m.score_function, SCORE_FUNCTIONS)
+    if not (0.0 <= m.mtp_loss_weight and 0.0 <= m.mtp_loss_weight_after_decay):
+        problems.append("model.mtp_loss_weight and model.mtp_loss_weight_after_decay must be >= 0.")
+
+
+def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    for name in ("tp", "pp", "cp", "ep"):
+        _positive(problems, f"parallel.{name}", getattr(p, name))
+    if p.etp is not None:
+        _positive(problems, "parallel.etp", p.etp)
+    if p.vpp is not None:
+        _positive(problems, "parallel.vpp", p.vpp)
+    if any(getattr(p, n) is None or getattr(p, n) <= 0 for n in ("tp", "pp", "cp", "ep")):
+        return  # the arithmetic below would divide by zero
+    _one_of(problems, "parallel.moe_dispatcher", p.moe_dispatcher, DISPATCHERS)
+
+    if p.world_size is not None and world_size is not None and p.world_size != world_size:
+        problems.append(
+            f"parallel.world_size={p.world_size} but the job was launched with {world_size} "
+            f"processes; launch {p.world_size} processes or set parallel.world_size={world_size} "
+            "(or null) after checking the layout."
+        )
+    ws = world_size if world_size is not None else p.world_size
+    model_ranks = p.tp * p.pp * p.cp
+    dp = None
+    if ws is not None:
+        if ws % model_ranks:
+            problems.append(
+                f"world size {ws} is not divisible by parallel.tp * parallel.pp * parallel.cp = "
+                f"{p.tp}*{p.pp}*{p.cp} = {model_ranks}; change the layout or the number of processes."
+            )
+        else:
+            dp = ws // model_ranks
+
+    for name in ("num_attention_heads", "index_n_heads", "o_groups"):
+        value = getattr(m, name)
+        if value and value % p.tp:
+            problems.append(
+                f"model.{name}={value} is not divisible by parallel.tp={p.tp}; pick a tp that divides it."
+            )
+    if m.num_routed_experts % p.ep:
+        problems.append(
+            f"model.num_routed_experts={m.num_routed_experts} is not divisible by parallel.ep={p.ep}."
+        )
+    etp = p.etp if p.etp is not None else p.tp
+    if dp is not None and etp > 0 and (p.tp * p.cp * dp) % (p.ep * etp):
+        problems.append(
+            f"parallel.ep * parallel.etp = {p.ep}*{etp} does not divide tp * cp * dp = "
+            f"{p.tp}*{p.cp}*{dp} (Megatron folds experts into the attention tp/cp/dp ranks); "
+            "lower ep or etp, or raise dp."
+        )
+    if p.sp and p.tp == 1:
+        problems.append("parallel.sp=true requires parallel.tp > 1; set parallel.sp=false or raise tp.")
+    if p.vpp is not None and p.vpp > 1 and p.pp == 1:
+        problems.append(f"parallel.vpp={p.vpp} requires parallel.pp > 1; set parallel.vpp=null.")
+    vpp = p.vpp or 1
+    if p.pipeline_layout:
+        check_layout(p.pipeline_layout, cfg, vpp, problems)
+    else:
+        if m.num_layers < p.pp:
+            problems.append(f"model.num_layers={m.num_layers} is smaller than parallel.pp={p.pp}.")
+        elif p.pp * vpp > 1 and m.num_layers % (p.pp * vpp):
+            problems.append(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pp * vpp = {p.pp}*{vpp}; "
+                "set parallel.pipeline_layout (e.g. 'Et*11|t*11|t*11|t*10,mL') or change pp/vpp."
+            )
+    if dp is not None and t.micro_batch_size > 0 and t.global_batch_size % (t.micro_batch_size * dp):
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
+            f" * dp = {t.micro_batch_size}*{dp}; pick a multiple of {t.micro_batch_size * dp}."
+        )
+    if t.seq_length % p.cp:
+        problems.append(f"train.seq_length={t.seq_length} is not divisible by parallel.cp={p.cp}.")
+    elif p.cp > 1:
+        local = t.seq_length // p.cp
+        bad = sorted({r for r in m.compress_ratios if r > 0 and local % r})
+        if bad:
+            problems.append(
+                f"the per-CP-rank sequence train.seq_length / cp = {local} is not divisible by "
+                f"compress ratios {bad}; compressed blocks must not straddle CP ranks."
+            )
+
+
+def check_layout(layout: str, cfg, vpp: int, problems: List[str]) -> None:
+    p, m = cfg.parallel, cfg.model
+    try:
+        stages = parse_layout(layout)
+    except ValueError as e:
+        problems.append(str(e))
+        return
+    name = f"parallel.pipeline_layout={layout!r}"
+    if len(stages) != p.pp * vpp:
+        problems.append(
+            f"{name} has {len(stages)} stages but parallel.pp * vpp = {p.pp}*{vpp} = {p.pp * vpp}; "
+            "write one '|'-separated stage per (virtual) pipeline stage."
+        )
+    flat = [k for s in stages for k in s]
+    n_dec, n_mtp = flat.count("decoder"), flat.count("mtp")
+    if n_dec != m.num_layers or n_mtp != m.mtp_num_layers:
+        problems.append(
+            f"{name} places {n_dec} decoder layers (t) and {n_mtp} MTP layers (m) but the model has "
+            f"model.num_layers={m.num_layers} and model.mtp_num_layers={m.mtp_num_layers}."
+        )
+    if not flat or flat[0] != "embedding" or flat.count("embedding") != 1:
+        problems.append(f"{name} must start with exactly one E (embedding).")
+    if not flat or flat[-1] != "loss" or flat.count("loss") != 1:
+        problems.append(f"{name} must end with exactly one L (loss).")
+    if "mtp" in flat and "decoder" in flat[flat.index("mtp"):]:
+        problems.append(f"{name} puts decoder layers after an MTP layer; MTP layers come last.")
+
+
+def check_train(cfg, problems: List[str]) -> None:
+    t, o, m = cfg.train, cfg.optim, cfg.model
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_length", "log_interval"):
+        _positive(problems, f"train.{name}", getattr(t, name))
+    _one_of(problems, "train.precision", t.precision, PRECISIONS)
+    _one_of(problems, "train.recompute", t.recompute, RECOMPUTE_MODES)
+    if t.micro_batch_size > 0 and t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
+        problems.append(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size}."
+        )
+    if t.seq_length > 0:
+        bad = sorted({r for r in m.compress_ratios if r > 0 and t.seq_length % r})
+        if bad:
+            problems.append(
+                f"train.seq_length={t.seq_length} is not divisible by compress ratios {bad} of "
+                "model.compress_ratios; use a multiple of every ratio (e.g. of the largest)."
+            )
+        if t.seq_length > m.max_position_embeddings:
+            problems.append(
+                f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
+                f"{m.max_position_embeddings}."
+            )
+
+    _one_of(problems, "optim.decay_style", o.decay_style, DECAY_STYLES)
+    _one_of(problems, "optim.wsd_decay_style", o.wsd_decay_style, WSD_DECAY_STYLES)
+    if o.lr <= 0 or o.min_lr < 0:
+        problems.append(f"optim.lr={o.lr} must be > 0 and optim.min_lr={o.min_lr} >= 0.")
+    if o.lr < o.min_lr:
+        problems.append(f"optim.lr={o.lr} is below optim.min_lr={o.min_lr}; lower min_lr or raise lr.")
+    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
+        problems.append(
+            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]."
+        )
+    if o.decay_steps is not None and o.decay_steps < 0:
+        problems.append(f"optim.decay_steps={o.decay_steps} must be >= 0 or null.")
+    if o.decay_style == "wsd" and o.wsd_decay_steps is not None:
+        decay = o.decay_steps if o.decay_steps is not None else t.max_steps - o.warmup_steps
+        if not (0 <= o.wsd_decay_steps <= decay):
+            problems.append(
+                f"optim.wsd_decay_steps={o.wsd_decay_steps} must be in [0, decay steps={decay}] "
+                "(decay steps = optim.decay_steps or train.max_steps - optim.warmup_steps)."
+            )
+    if not (0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0):
+        problems.append(f"optim.adam_beta1={o.adam_beta1} and optim.adam_beta2={o.adam_beta2} must be in [0, 1).")
+    if o.adam_eps <= 0 or o.clip_grad < 0 or o.weight_decay < 0:
+        problems.append("optim.adam_eps must be > 0, optim.clip_grad and optim.weight_decay >= 0.")
+
+
+def check_io(cfg, problems: List[str]) -> None:
+    d, c, r, lg = cfg.data, cfg.checkpoint, cfg.run, cfg.logging
+    _one_of(problems, "run.device", r.device, DEVICES)
+    _one_of(problems, "data.kind", d.kind, DATA_KINDS)
+    _one_of(problems, "logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
+    if d.kind == "indexed" and not d.paths and not r.plan_only:  # a plan needs no data
+        problems.append(
+            "data.kind=indexed needs data.paths (prefixes of .bin/.idx files made by "
+            "dsv4-preprocess), e.g. data.paths='[/data/corpus_text_document]'."
+        )
+    if d.num_workers < 0:
+        problems.append(f"data.num_workers={d.num_workers} must be >= 0.")
+    if c.save_interval < 0 or c.keep_last < 1:
+        problems.append(
+            f"checkpoint.save_interval={c.save_interval} must be >= 0 and checkpoint.keep_last="
+            f"{c.keep_last} >= 1."
+        )
+    if not c.load or not c.load.strip():
+        problems.append("checkpoint.load is empty; use auto, none or a checkpoint directory.")
+    if not r.dir:
+        problems.append("run.dir is empty; give the run an output directory.")
+
+
+def validate(cfg, *, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError listing every problem of `cfg` (a typed Config); return None if sound.
+
+    world_size: the number of launched processes; None checks the layout against
+    cfg.parallel.world_size if set, and skips the world-size rules otherwise.
+    """
+    problems: List[str] = []
+    check_model(cfg.model, problems)
+    check_parallel(cfg, world_size, problems)
+    check_train(cfg, problems)
+    check_io(cfg, problems)
+    if problems:
+        raise ConfigError(problems)

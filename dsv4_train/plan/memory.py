@@ -1,0 +1,134 @@
+"""Per-GPU memory estimate of a parallel layout (pure arithmetic, Megatron conventions).
+
+Static memory (Megatron `theoretical_memory_usage`): bf16 training keeps bf16 weights (2 B/param),
+fp32 main grads (4 B) and fp32 master weights + two Adam moments (12 B); fp32 training keeps fp32
+weights (4 B), fp32 grads (4 B) and two moments (8 B). The distributed optimizer shards the
+optimizer part over the data-parallel ranks that hold a replica: dp * cp for dense parameters,
+expert-DP for routed experts. Dense parameters are split by TP, routed experts by EP * ETP, layers
+by the pipeline layout.
+
+Activations (bytes per micro-batch, per rank) are an estimate of the tensors autograd keeps for a
+V4 block, per token: the mHC residual streams (n_hc * d) and collapsed inputs of both sub-layers;
+the attention latents (q_lora, q heads, shared KV, attention output, grouped o_lora); compressor
+and indexer projections; the router logits and, per routed copy, the dispatched input, fc1 output
+and SwiGLU output. Attention uses a fused kernel (no s x s scores are kept). Everything is divided
+by TP when sequence parallel is on (and only the head-split parts otherwise) and by CP. Recompute
+modes: "none"; "selective" recomputes norms, the q up-projection, SwiGLU and mHC mixing (keeps the
+projections' inputs); "full" keeps only each block's input streams. Pipeline rank r holds
+min(pp - r, num_microbatches) micro-batches in flight (1F1B), times 1 + (pp-1)/(pp*vpp) when
+interleaved. A fixed allowance covers the CUDA context, NCCL buffers and fragmentation.
+"""
+
+from __future__ import annotations
+
+from dsv4_train.config.model import CSA_RATIO
+from dsv4_train.plan.params import count_params
+
+GIB = 1024**3
+from dsv4_train.config.validate import RECOMPUTE_MODES  # noqa: E402
+OVERHEAD_BYTES = 5 * GIB  # CUDA context + NCCL + allocator fragmentation (assumption)
+
+
+def bytes_per_param(precision: str) -> dict:
+    if precision == "bf16":
+        return {"weights": 2, "grads": 4, "optimizer": 12}
+    return {"weights": 4, "grads": 4, "optimizer": 8}
+
+
+def activation_elements_per_token(m, *, ratio: int, tp: int, sp: bool, recompute: str) -> float:
+    """Elements kept per token by one block for backward, on one TP rank."""
+    d, n = m.hidden_size, m.hc_mult
+    streams = 2 * n * d  # mHC input streams of both sub-layers
+    if recompute == "full":
+        return n * d / (tp if sp else 1)
+    selective = recompute == "selective"
+    # Sequence-split parts (replicated over TP unless sequence parallel).
+    seq_parts = streams + 2 * d  # collapsed sub-layer inputs
+    if not selective:
+        seq_parts += 2 * d + 2 * n * d  # RMSNorm outputs, mHC mixed streams
+    seq_parts += m.q_lora_rank * (1 if selective else 2)  # q_a out (+ q_norm out)
+    seq_parts += 2 * m.head_dim  # shared KV before/after norm
+    seq_parts += 2 * m.num_routed_experts  # fp32 router logits
+    k = m.num_experts_per_tok
+    f = m.moe_intermediate_size
+    moe = k * (d + 2 * f + (0 if selective else f)) + m.num_shared_experts * (d + 2 * f + (0 if selective else f))
+    seq_parts += moe  # expert inputs are token copies; EP moves them, it does not shrink them
+    if ratio > 0:
+        width = 2 * m.head_dim if ratio == CSA_RATIO else m.head_dim
+        seq_parts += 2 * width  # compressor kv / gate
+    if ratio == CSA_RATIO:
+        seq_parts += 2 * 2 * m.index_head_dim + m.index_n_heads  # indexer compressor + weights
+    # Head-split parts (always divided by TP).
+    heads = m.num_attention_heads * m.head_dim * (1 if selective else 2)  # q (and its up-proj out)
+    heads += m.num_attention_heads * m.head_dim  # attention output (input of wo_a)
+    heads += m.o_groups * m.o_lora_rank  # wo_a output
+    if ratio == CSA_RATIO:
+        heads += m.index_n_heads * m.index_head_dim  # indexer q
+    return seq_parts / (tp if sp else 1) + heads / tp
+
+
+def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
+    """Per pipeline rank: dict of parameter counts and bytes (weights, grads, optimizer,
+    activations, overhead, total)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    params = count_params(m)
+    bpp = bytes_per_param(t.precision)
+    act_bytes = 2 if t.precision == "bf16" else 4
+    dense_shard = derived.dp * p.cp if p.distributed_optimizer else 1
+    expert_shard = derived.edp if p.distributed_optimizer else 1
+    tokens = t.micro_batch_size * t.seq_length / p.cp
+    vpp = derived.vpp
+    interleave = 1 + (p.pp - 1) / (p.pp * vpp) if vpp > 1 else 1.0
+    ratios = m.compress_ratios
+    out = []
+    for rank in range(p.pp):
+        dense = expert = 0.0
+        act_per_mb = 0.0
+        for st in derived.stages_of_rank(rank):
+            for i in st.decoder_layers:
+                b = params.blocks[i]
+                dense += b.dense / p.tp
+                expert += b.routed_experts / (p.ep * derived.etp)
+                act_per_mb += tokens * activation_elements_per_token(
+                    m, ratio=ratios[i], tp=p.tp, sp=p.sp, recompute=recompute
+                )
+            for j in st.mtp_layers:
+                b = params.mtp_blocks[j]
+                dense += (b.dense + params.mtp_extra) / p.tp
+                expert += b.routed_experts / (p.ep * derived.etp)
+                act_per_mb += tokens * activation_elements_per_token(
+                    m, ratio=ratios[m.num_layers + j], tp=p.tp, sp=p.sp, recompute=recompute
+                )
+            if st.has_embedding:
+                dense += params.embedding / p.tp
+            if st.mtp_layers and not st.has_embedding:
+                dense += params.embedding / p.tp  # MTP's copy of the shared embedding
+            if st.has_loss:
+                dense += (params.output_layer + params.final) / p.tp
+        in_flight = min(p.pp - rank, derived.num_microbatches) * interleave
+        activations = act_per_mb * act_bytes * in_flight
+        if recompute == "full" and act_per_mb:  # one block re-materialised at a time
+            activations += tokens * activation_elements_per_token(
+                m, ratio=CSA_RATIO, tp=p.tp, sp=p.sp, recompute="none"
+            ) * act_bytes
+        if any(st.has_loss for st in derived.stages_of_rank(rank)):
+            vocab = m.vocab_size / p.tp
+            activations += tokens * vocab * 4 * (1 + m.mtp_num_layers)  # fp32 logits
+        weights = (dense + expert) * bpp["weights"]
+        grads = (dense + expert) * bpp["grads"]
+        optimizer = (dense / dense_shard + expert / expert_shard) * bpp["optimizer"]
+        total = weights + grads + optimizer + activations + OVERHEAD_BYTES
+        out.append(
+            {
+                "pp_rank": rank,
+                "params_dense": int(dense),
+                "params_expert": int(expert),
+                "weights_gib": weights / GIB,
+                "grads_gib": grads / GIB,
+                "optimizer_gib": optimizer / GIB,
+                "activations_gib": activations / GIB,
+                "overhead_gib": OVERHEAD_BYTES / GIB,
+                "total_gib": total / GIB,
+            }
+        )
+    return out

@@ -1,0 +1,55 @@
+"""Run the real CLI as users do: subprocesses, one process or torchrun with N processes over gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "TORCHDYNAMO_DISABLE": "1",
+            "WANDB_MODE": "disabled",
+            "PYTHONWARNINGS": "ignore",
+            "HYDRA_FULL_ERROR": "0",
+        }
+    )
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args: Sequence[str], *, nproc: int = 1, timeout: int = 600, env: Optional[dict] = None, cwd=None):
+    if nproc == 1:
+        cmd: List[str] = [sys.executable, "-m", "dsv4_train", *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_port=0" if False else f"--master_port={_free_port()}", "-m", "dsv4_train", *args,
+        ]
+    return subprocess.run(cmd, cwd=cwd or REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def _free_port() -> int:
+    from dsv4_train.launch.env import free_port
+
+    return free_port()
+
+
+def read_metrics(run_dir) -> List[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def by_step(rows: List[dict]) -> dict:
+    return {row["step"]: row for row in rows}
