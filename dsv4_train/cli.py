@@ -64,12 +64,14 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
     from dsv4_train.launch.env import discover
 
     process = discover()
-    validate(cfg, world_size=process.world_size)
-    derived = derive(cfg, world_size=process.world_size)
+    # A plan made on a laptop describes the layout's own world size (parallel.world_size).
+    world_size = None if (cfg.run.plan_only and process.world_size == 1) else process.world_size
+    validate(cfg, world_size=world_size)
+    derived = derive(cfg, world_size=world_size)
     if cfg.run.plan_only:
         from dsv4_train.plan import make_plan, print_plan, write_plan
 
-        plan = make_plan(cfg, world_size=process.world_size)
+        plan = make_plan(cfg, world_size=world_size)
         if process.rank == 0:
             print_plan(plan)
             os.makedirs(cfg.run.dir, exist_ok=True)
