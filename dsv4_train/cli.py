@@ -50,15 +50,27 @@ def preflight_inputs(cfg: Config) -> None:
     if cfg.run.plan_only:
         return
     from dsv4_train.checkpoint.io import resolve_load_path
-    from dsv4_train.data import check_data_inputs
+    from dsv4_train.data.checks import check_data_inputs
     from dsv4_train.train.loop import checkpoint_root
 
     check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
     resolve_load_path(cfg.checkpoint.load, checkpoint_root(cfg))
 
 
+def quiet_library_logs() -> None:
+    """Keep the console to our progress lines: Megatron-Core logs its whole config at INFO and warns
+    about optional kernels (TE, Apex) that a CPU run never uses."""
+    import logging
+    import warnings
+
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    for category in (UserWarning, DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def execute(cfg: Config, *, yaml_text: str) -> int:
     """Validate, derive, and run the plan or the training. Returns the exit code."""
+    quiet_library_logs()
     from dsv4_train.config.derive import derive
     from dsv4_train.config.validate import validate
     from dsv4_train.launch.env import discover

@@ -154,10 +154,11 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
             # Re-saving an existing step (e.g. preempted right after a periodic save): move the old
             # copy aside only after the new one is complete.
             pass
-        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+        os.makedirs(partial)
     _barrier()
     sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, state, is_loading=False)
     dist_checkpointing.save(sharded, partial)
+    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
     _barrier()
     if _rank() == 0:

@@ -69,19 +69,28 @@ def _set_mtp_weight(model_chunks, weight: float) -> None:
             setter(weight)
 
 
-def _drain_aux_losses() -> dict:
-    try:
-        from dsv4_train.model import aux_losses
-    except ImportError:
-        return {}
-    values = aux_losses.drain()
-    reduced = {}
-    for name, value in sorted(values.items()):
-        tensor = torch.tensor([float(value)], dtype=torch.float64)
+def _collect_aux_metrics(num_microbatches: int) -> dict:
+    """Per-step auxiliary values: the MTP loss (Megatron's MTP tracker, averaged over micro-batches,
+    layers and data-parallel ranks) and our aux losses (indexer KL), made identical on every rank."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from dsv4_train.model import aux_losses
+
+    values = {}
+    tracker = MTPLossLoggingHelper.tracker
+    if "loss_values" in tracker:
+        MTPLossLoggingHelper.reduce_metrics_in_tracker()
+        per_layer = tracker["loss_values"].detach().float().cpu()
+        values["mtp_loss"] = float(per_layer.sum()) / num_microbatches / max(len(per_layer), 1)
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+    values.update(aux_losses.drain())
+    # Only the ranks that computed a value hold it (e.g. the last pipeline stage): share it.
+    for name in sorted(values):
+        tensor = torch.tensor([values[name]], dtype=torch.float64)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        reduced[name] = tensor.item()
-    return reduced
+        values[name] = tensor.item()
+    return values
 
 
 def _read_marker(path: str) -> dict:
@@ -166,7 +175,7 @@ def run_training(cfg: Config, derived) -> int:
                 num_microbatches=derived.num_microbatches,
                 seq_length=train_cfg.seq_length,
                 micro_batch_size=train_cfg.micro_batch_size,
-                drain_aux_losses=_drain_aux_losses,
+                drain_aux_losses=lambda: _collect_aux_metrics(derived.num_microbatches),
             )
             step_time = time.monotonic() - t0
             state = TrainState(

@@ -1,0 +1,207 @@
+"""Tokenized documents <-> Megatron indexed datasets (`<prefix>.bin` + `<prefix>.idx`).
+
+Writing goes through Megatron-Core's `IndexedDatasetBuilder` (one sequence per document, each ending
+with the EOD id), into temporary files that are renamed into place only when complete. Next to them we
+write `<prefix>.meta.json` (our addition, not a Megatron format): the tokenizer's hash and size, the
+EOD id, document/token counts and the largest token id. Training reads it (when present) to refuse data
+tokenized with a different tokenizer or with ids beyond the model vocabulary, without scanning `.bin`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import numpy
+
+from dsv4_train.data.cache import temporary_sibling, write_text_atomic
+from dsv4_train.data.megatron_imports import megatron_datasets
+
+META_SUFFIX = ".meta.json"
+META_FORMAT = "dsv4-indexed-v1"
+
+
+@dataclass
+class IndexedMeta:
+    """Contents of `<prefix>.meta.json`."""
+
+    format: str
+    tokenizer_sha256: str
+    tokenizer_vocab_size: int
+    eod: int
+    documents: int
+    tokens: int
+    max_token_id: int
+    skipped_empty_documents: int
+    source: str
+
+
+def bin_path(prefix: Path) -> Path:
+    return Path(str(prefix) + ".bin")
+
+
+def idx_path(prefix: Path) -> Path:
+    return Path(str(prefix) + ".idx")
+
+
+def meta_path(prefix: Path) -> Path:
+    return Path(str(prefix) + META_SUFFIX)
+
+
+def write_indexed_dataset(
+    prefix: Path,
+    token_documents: Iterable[Sequence[int]],
+    *,
+    tokenizer_sha256: str,
+    tokenizer_vocab_size: int,
+    eod: int,
+    source: str,
+    on_document: Optional[Callable[[int, int], None]] = None,
+) -> IndexedMeta:
+    """Write documents (lists of token ids, without EOD) as `<prefix>.bin/.idx/.meta.json`, atomically.
+
+    Empty documents are skipped (they would be a lone EOD) and counted. `on_document(documents, tokens)`
+    is called after each document (progress reporting).
+
+    Ordering of the final renames: the old `.meta.json` and `.idx` are removed first, then `.bin` and
+    `.idx` are moved into place, then `.meta.json`; an interruption leaves a prefix that reads as missing
+    or incomplete, never an old index paired with new data.
+    """
+    mc = megatron_datasets()
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    dtype = mc.DType.optimal_dtype(tokenizer_vocab_size)
+    tmp_prefix = temporary_sibling(prefix)
+    tmp_bin, tmp_idx = bin_path(tmp_prefix), idx_path(tmp_prefix)
+    documents = tokens = skipped = 0
+    max_token_id = -1
+    try:
+        builder = mc.IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        for ids in token_documents:
+            if len(ids) == 0:
+                skipped += 1
+                continue
+            document = numpy.empty(len(ids) + 1, dtype=numpy.int64)
+            document[:-1] = ids
+            document[-1] = eod
+            builder.add_document(document, [document.size])
+            documents += 1
+            tokens += document.size
+            max_token_id = max(max_token_id, int(document.max()))
+            if on_document is not None:
+                on_document(documents, tokens)
+        builder.finalize(str(tmp_idx))
+        meta = IndexedMeta(
+            format=META_FORMAT,
+            tokenizer_sha256=tokenizer_sha256,
+            tokenizer_vocab_size=tokenizer_vocab_size,
+            eod=eod,
+            documents=documents,
+            tokens=tokens,
+            max_token_id=max_token_id,
+            skipped_empty_documents=skipped,
+            source=source,
+        )
+        for stale in (meta_path(prefix), idx_path(prefix)):
+            if stale.exists():
+                stale.unlink()
+        os.replace(tmp_bin, bin_path(prefix))
+        os.replace(tmp_idx, idx_path(prefix))
+        write_text_atomic(meta_path(prefix), json.dumps(asdict(meta), indent=2) + "\n")
+        return meta
+    finally:
+        for leftover in (tmp_bin, tmp_idx):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def read_meta(prefix: Path) -> Optional[IndexedMeta]:
+    """The `.meta.json` next to an indexed dataset, or None when there is none (e.g. Megatron-LM output)."""
+    path = meta_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return IndexedMeta(**raw)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"{path} is not a valid dsv4-preprocess metadata file ({error}). Re-run dsv4-preprocess for "
+            f"{prefix}, or delete {path.name} to skip the tokenizer/vocabulary checks it enables."
+        ) from None
+
+
+def parse_blend(entries: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """`data.paths` -> (prefixes, weights or None), Megatron-LM `--data-path` style.
+
+    Entries are whitespace-split and flattened: either all prefixes (`["a", "b"]`), or alternating
+    weight/prefix pairs (`["0.3 a", "0.7 b"]` or `["0.3 a 0.7 b"]`). Prefixes are made absolute.
+
+    Raises:
+        ValueError: empty list, mixed weighted/unweighted entries, or non-positive weights.
+    """
+    tokens = [token for entry in entries for token in str(entry).split()]
+    if not tokens:
+        raise ValueError(
+            "data.paths is empty but data.kind=indexed needs at least one dataset prefix (the path "
+            "without .bin/.idx, as written by dsv4-preprocess --output-prefix). Set data.paths, or use "
+            "data.kind=embedded / mock."
+        )
+
+    def as_weight(token: str) -> Optional[float]:
+        try:
+            return float(token)
+        except ValueError:
+            return None
+
+    if as_weight(tokens[0]) is None:
+        if any(as_weight(t) is not None for t in tokens):
+            raise ValueError(
+                f"data.paths={entries!r} mixes weighted and unweighted entries. Either give only "
+                f"prefixes, or a weight before every prefix (e.g. ['0.7 /data/a', '0.3 /data/b'])."
+            )
+        return [str(Path(t).expanduser().resolve()) for t in tokens], None
+    if len(tokens) % 2 != 0 or any(as_weight(w) is None for w in tokens[0::2]):
+        raise ValueError(
+            f"data.paths={entries!r} mixes weighted and unweighted entries. Either give only prefixes, "
+            f"or a weight before every prefix (e.g. ['0.7 /data/a', '0.3 /data/b'])."
+        )
+    weights = [float(w) for w in tokens[0::2]]
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"data.paths={entries!r}: blend weights must be > 0; drop a dataset instead of weighting it 0.")
+    return [str(Path(p).expanduser().resolve()) for p in tokens[1::2]], weights
+
+
+def check_prefix(prefix: str, *, tokenizer_sha256: str, tokenizer_path: str, vocab_size: int) -> Optional[IndexedMeta]:
+    """Cheap checks of one `data.paths` prefix before any dataset index is built.
+
+    Raises:
+        ValueError: missing `.bin`/`.idx`, or a `.meta.json` showing another tokenizer or ids >= vocab_size.
+    """
+    path = Path(prefix)
+    missing = [p.name for p in (bin_path(path), idx_path(path)) if not p.is_file()]
+    if missing:
+        hint = " (give the prefix without the .bin/.idx extension)" if path.suffix in (".bin", ".idx") else ""
+        raise ValueError(
+            f"data.paths entry {prefix!r}: {', '.join(missing)} not found{hint}. Create the dataset with "
+            f"`dsv4-preprocess --input data.jsonl --output-prefix {prefix} --tokenizer tokenizer.json`, "
+            f"or fix the path."
+        )
+    meta = read_meta(path)
+    if meta is None:
+        return None
+    if meta.tokenizer_sha256 != tokenizer_sha256:
+        raise ValueError(
+            f"data.paths entry {prefix!r} was tokenized with a different tokenizer (sha256 "
+            f"{meta.tokenizer_sha256[:12]}...) than data.tokenizer={tokenizer_path!r} "
+            f"({tokenizer_sha256[:12]}...). Re-run dsv4-preprocess with the training tokenizer, set "
+            f"data.tokenizer to the one used for preprocessing, or delete {meta_path(path).name} to skip this check."
+        )
+    if meta.max_token_id >= vocab_size:
+        raise ValueError(
+            f"data.paths entry {prefix!r} contains token id {meta.max_token_id} but model.vocab_size is "
+            f"{vocab_size}. Raise model.vocab_size to > {meta.max_token_id} or re-tokenize with a smaller tokenizer."
+        )
+    return meta

@@ -1,0 +1,287 @@
+"""DeepSeek-V4 hybrid attention (spec §3): one Megatron-Core module, three modes by compress ratio.
+
+* ratio 0 (sliding window): each query attends to the `sliding_window` most recent tokens,
+  itself included.
+* ratio 4 (CSA): window plus compressed entries (overlapping compressor); the lightning indexer
+  picks the top-`index_topk` visible entries (phase "sparse"); phases "dense"/"warmup" attend to
+  every visible entry (see `indexer.py` for the indexer loss).
+* other ratio > 0 (HCA): window plus every visible compressed entry (non-overlapping compressor).
+
+Common path: shared low-rank query `wq_a -> q_norm -> wq_b`, per-head weightless RMSNorm, a single
+shared K=V head `wkv -> kv_norm`, interleaved partial RoPE, ONE joint softmax over window and
+compressed keys with a learnable per-head sink logit (zero value), de-rotation of the output's RoPE
+channels, then the grouped output projection (block-diagonal `wo_a` per group -> `wo_b`).
+
+Megatron-Core parts: `MegatronModule`, `ColumnParallelLinear` (wq_b; wo_a as a TP-split weight
+holder used block-diagonally), `RowParallelLinear` (wo_b) and the TP copy/reduce regions. Written
+by hand because Megatron-Core 0.19.2 has no V4 attention (no sink+compressed joint softmax,
+compressor, indexer or grouped output projection).
+
+Tensor parallel: query heads, sinks, `wo_a` groups and indexer heads are split across TP ranks;
+`wq_a`, `wkv`, the norms and the compressors are replicated. Replicated outputs that feed
+head-split work (window KV, compressed KV) go through `copy_to_tensor_model_parallel_region`, so
+the replicated weights receive the sum of every rank's gradient (identical on all ranks);
+`wq_b`'s own input copy does the same for `c_q`. With sequence parallelism the input is gathered
+once at entry (backward: split, since the gradients reaching it are already complete) and `wo_b`
+reduce-scatters the output.
+
+Core attention is a dense masked implementation (keys = window KV of all T tokens + the N
+compressed entries, a [T, T+N] visibility mask, the sink as an extra logit column): fine for
+training at small/medium sizes; it keeps one [B, H, T, T+N] probability tensor for backward.
+Masks use sequence indices; `position_ids` only drives RoPE (a contiguous chunk whose first token
+starts a compression block).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from torch import nn
+
+from dsv4_train.config.model import ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelConfig
+from dsv4_train.model import aux_losses
+from dsv4_train.model.compressor import Compressor
+from dsv4_train.model.indexer import LightningIndexer, _without_sequence_parallel, indexer_kl_loss
+from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
+from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary
+
+INDEXER_PHASES = ("dense", "warmup", "sparse")
+INDEXER_LOSS_NAME = "indexer_loss"
+
+
+def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """Bool [T, T]: query t may attend key j iff t - window < j <= t (window includes t itself)."""
+    t = torch.arange(seq_len, device=device)
+    distance = t[:, None] - t[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def compressed_visibility(seq_len: int, ratio: int, device: torch.device) -> torch.Tensor:
+    """Bool [T, T // ratio]: query t may see entry s iff s < floor((t + 1) / ratio) (block complete)."""
+    t = torch.arange(seq_len, device=device)
+    s = torch.arange(seq_len // ratio, device=device)
+    return s[None, :] < ((t + 1) // ratio)[:, None]
+
+
+def joint_softmax_attention(
+    q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, sink: torch.Tensor, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Single-KV-head attention with one softmax over all allowed keys plus a per-head sink logit.
+
+    q: [B, H, T, c]; keys: [B, L, c] (also the values); allowed: bool [T, L] or [B, T, L];
+    sink: [H]. Returns (out [B, H, T, c] in q.dtype, probs [B, H, T, L] in fp32). Each probs row sums
+    to 1 - p_sink < 1. Every row must allow at least one key (the window always holds the query).
+    """
+    batch, heads, seq_len, dim = q.shape
+    num_keys = keys.shape[1]
+    # One [B, H*T, L] matmul: the single KV head is shared by all query heads (MQA), no expansion.
+    logits = torch.bmm(q.reshape(batch, heads * seq_len, dim), keys.transpose(1, 2))
+    # In place from here on: bmm's backward needs only its inputs, so one [B, H, T, L] buffer suffices.
+    logits = logits.view(batch, heads, seq_len, num_keys).float().mul_(scale)
+    mask = allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed  # broadcast over heads
+    logits.masked_fill_(~mask, float("-inf"))
+    sink_column = sink.float().view(1, heads, 1, 1).expand(batch, heads, seq_len, 1)
+    probs = torch.softmax(torch.cat((logits, sink_column), dim=-1), dim=-1)[..., :num_keys]
+    out = torch.bmm(probs.to(keys.dtype).reshape(batch, heads * seq_len, num_keys), keys)
+    return out.view(batch, heads, seq_len, dim), probs
+
+
+class HybridAttention(MegatronModule):
+    """V4 attention of main layer / MTP layer `layer_index` (index into `model_cfg.compress_ratios`)."""
+
+    def __init__(self, *, config: TransformerConfig, model_cfg: ModelConfig, layer_index: int):
+        super().__init__(config=config)
+        _validate(config, model_cfg, layer_index)
+        tp = config.tensor_model_parallel_size
+        self.model_cfg = model_cfg
+        self.layer_index = layer_index
+        self.ratio = model_cfg.compress_ratios[layer_index]
+        self.mode = ATTENTION_MODE_BY_RATIO.get(self.ratio, "hca")
+        self.num_heads = model_cfg.num_attention_heads
+        self.num_local_heads = self.num_heads // tp
+        self.num_local_groups = model_cfg.o_groups // tp
+        self.head_dim = model_cfg.head_dim
+        self.window = model_cfg.sliding_window
+        self.eps = model_cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5  # no YaRN mscale (spec §8)
+        self.rotary = layer_rotary(model_cfg, layer_index)
+        hidden, dtype = model_cfg.hidden_size, config.params_dtype
+        col_config = _without_sequence_parallel(config)
+
+        self.wq_a = ReplicatedLinear(hidden, model_cfg.q_lora_rank, init_method=config.init_method, params_dtype=dtype)
+        self.q_norm = RMSNorm(model_cfg.q_lora_rank, eps=self.eps)
+        self.wq_b = tensor_parallel.ColumnParallelLinear(
+            model_cfg.q_lora_rank,
+            self.num_heads * self.head_dim,
+            config=col_config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+        )
+        self.wkv = ReplicatedLinear(hidden, self.head_dim, init_method=config.init_method, params_dtype=dtype)
+        self.kv_norm = RMSNorm(self.head_dim, eps=self.eps)
+        # Block-diagonal grouped projection: weight [o_groups * o_lora_rank, heads_per_group * head_dim],
+        # split by groups over TP (dim 0). Only its weight is used (see _grouped_output), never its
+        # forward: its input is already head-split, so the input copy of ColumnParallelLinear is wrong here.
+        self.wo_a = tensor_parallel.ColumnParallelLinear(
+            self.num_heads * self.head_dim // model_cfg.o_groups,
+            model_cfg.o_groups * model_cfg.o_lora_rank,
+            config=col_config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+        )
+        self.wo_b = tensor_parallel.RowParallelLinear(
+            model_cfg.o_groups * model_cfg.o_lora_rank,
+            hidden,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+        self.attn_sink = nn.Parameter(torch.zeros(self.num_local_heads, dtype=torch.float32))
+        tensor_parallel.set_tensor_model_parallel_attributes(self.attn_sink, True, 0, 1)
+
+        self.compressor: Optional[Compressor] = None
+        self.indexer: Optional[LightningIndexer] = None
+        if self.ratio > 0:
+            self.compressor = Compressor(
+                hidden_size=hidden,
+                head_dim=self.head_dim,
+                ratio=self.ratio,
+                rotary=self.rotary,
+                eps=self.eps,
+                init_method=config.init_method,
+                params_dtype=dtype,
+            )
+        if self.ratio == CSA_RATIO:
+            self.indexer = LightningIndexer(config=config, model_cfg=model_cfg, rotary=self.rotary)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden_states: [s, b, hidden] (already RMS-normed) -> [s, b, hidden]."""
+        x = hidden_states
+        if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
+            x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
+        seq_len, batch, _ = x.shape
+        positions = self._positions(position_ids, seq_len, x.device)
+        cos, sin = self.rotary.cos_sin(positions)  # [T, r/2]
+
+        c_q = self.q_norm(self.wq_a(x))  # [T, B, q_lora_rank]
+        q = self.wq_b(c_q)[0].view(seq_len, batch, self.num_local_heads, self.head_dim)
+        q = apply_interleaved_rope(rms_normalize(q, self.eps), cos[:, None, None], sin[:, None, None])
+        q = q.permute(1, 2, 0, 3)  # [B, H_local, T, c]
+
+        kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos[:, None], sin[:, None])  # [T, B, c]
+        kv = tensor_parallel.copy_to_tensor_model_parallel_region(kv).transpose(0, 1)  # [B, T, c]
+        allowed = window_mask(seq_len, self.window, x.device)  # [T, T]
+
+        scores = support = None
+        if self.compressor is not None:
+            compressed = self.compressor(x, positions)  # [B, N, c]
+            compressed = tensor_parallel.copy_to_tensor_model_parallel_region(compressed)
+            visible = compressed_visibility(seq_len, self.ratio, x.device)  # [T, N]
+            support = visible
+            if self.indexer is not None and self._phase() != "dense":
+                scores = self.indexer.scores(x, c_q, positions, visible)  # [B, T, N]
+                if self._phase() == "sparse":
+                    support = self.indexer.select(scores, visible)
+            kv = torch.cat((kv, compressed.to(kv.dtype)), dim=1)
+            if support.dim() == 3:
+                allowed = torch.cat((allowed.expand(batch, -1, -1), support), dim=-1)
+            else:
+                allowed = torch.cat((allowed, support), dim=-1)
+
+        out, probs = joint_softmax_attention(q, kv, allowed, self.attn_sink, self.scale)
+
+        indexer_loss = None
+        if scores is not None and self.training and torch.is_grad_enabled():
+            # Main attention mass per compressed entry, summed over all heads (all TP ranks).
+            mass = probs.detach()[..., seq_len:].sum(dim=1)  # [B, T, N]
+            mass = tensor_parallel.reduce_from_tensor_model_parallel_region(mass)
+            support_full = support if support.dim() == 3 else support.expand(batch, -1, -1)
+            indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full)
+
+        out = apply_interleaved_rope(out.permute(2, 0, 1, 3), cos[:, None, None], sin[:, None, None], inverse=True)
+        output = self.wo_b(self._grouped_output(out))[0]  # [s, b, hidden]
+        if indexer_loss is not None:
+            output = aux_losses.attach(output, indexer_loss, name=INDEXER_LOSS_NAME)
+        return output
+
+    # ------------------------------------------------------------------------------------------
+    def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
+        """[T, B, H_local, c] -> [T, B, groups_local * o_lora_rank] via per-group wo_a blocks."""
+        seq_len, batch = out.shape[:2]
+        grouped = out.reshape(seq_len, batch, self.num_local_groups, -1)
+        weight = self.wo_a.weight.view(self.num_local_groups, self.model_cfg.o_lora_rank, -1)
+        return torch.einsum("tbgi,gri->tbgr", grouped, weight).flatten(2)
+
+    def _positions(self, position_ids: Optional[torch.Tensor], seq_len: int, device) -> torch.Tensor:
+        if position_ids is None:
+            return torch.arange(seq_len, device=device)
+        if position_ids.shape != (seq_len,):
+            raise ValueError(
+                f"position_ids must be a 1-D tensor of length s={seq_len} (one absolute position per "
+                f"token, shared by the batch); got shape {tuple(position_ids.shape)}."
+            )
+        return position_ids.to(device)
+
+    def _phase(self) -> str:
+        return self.model_cfg.indexer_phase
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Default Megatron handling, except `attn_sink`, which is split by heads over TP."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state.update(
+            make_sharded_tensors_for_checkpoint(
+                {"attn_sink": self.attn_sink},
+                prefix,
+                {"attn_sink": 0},
+                sharded_offsets,
+                tp_group=parallel_state.get_tensor_model_parallel_group(),
+                dp_cp_group=metadata["dp_cp_group"],
+            )
+        )
+        return state
+
+
+def _validate(config: TransformerConfig, model_cfg: ModelConfig, layer_index: int) -> None:
+    if not 0 <= layer_index < len(model_cfg.compress_ratios):
+        raise ValueError(
+            f"layer_index={layer_index} is outside model.compress_ratios (length "
+            f"{len(model_cfg.compress_ratios)}: one entry per main layer plus one per MTP layer)."
+        )
+    if config.hidden_size != model_cfg.hidden_size or config.num_attention_heads != model_cfg.num_attention_heads:
+        raise ValueError(
+            f"TransformerConfig (hidden_size={config.hidden_size}, num_attention_heads="
+            f"{config.num_attention_heads}) disagrees with the model config (hidden_size="
+            f"{model_cfg.hidden_size}, num_attention_heads={model_cfg.num_attention_heads}); build both "
+            f"from the same model config."
+        )
+    tp = config.tensor_model_parallel_size
+    heads, groups = model_cfg.num_attention_heads, model_cfg.o_groups
+    if heads % groups or groups % tp:
+        raise ValueError(
+            f"num_attention_heads={heads} must be divisible by o_groups={groups}, and o_groups by the "
+            f"tensor-parallel size {tp} (heads are split by whole output groups); change model.o_groups "
+            f"or the TP size."
+        )
+    if model_cfg.head_dim <= model_cfg.qk_rope_head_dim:
+        raise ValueError(
+            f"head_dim={model_cfg.head_dim} must exceed qk_rope_head_dim={model_cfg.qk_rope_head_dim}."
+        )
+    if model_cfg.indexer_phase not in INDEXER_PHASES:
+        raise ValueError(
+            f"model.indexer_phase={model_cfg.indexer_phase!r} is not one of {INDEXER_PHASES}: 'dense' "
+            f"(CSA attends to all visible compressed entries, no indexer loss), 'warmup' (dense attention "
+            f"+ dense indexer KL) or 'sparse' (top-k attention + sparse indexer KL)."
+        )
+    if model_cfg.sliding_window < 1:
+        raise ValueError(f"model.sliding_window={model_cfg.sliding_window} must be >= 1.")

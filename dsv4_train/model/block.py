@@ -1,0 +1,75 @@
+"""One V4 transformer block (spec §2): mHC-wrapped, pre-norm attention and MoE sub-layers.
+
+Megatron's `TransformerLayer` assumes a [s, b, d] residual; V4's residual is `hc_mult` streams
+[s, b, n, d] mixed by mHC, so the block is ours, built from Megatron parts (RMSNorm via
+`WrappedTorchNorm`, `MoELayer`) plus the hybrid attention and `HyperConnection`.
+
+    x_in, post, comb = hc_attn.pre(X);  X = hc_attn.post(attn(attn_norm(x_in)), X, post, comb)
+    x_in, post, comb = hc_ffn.pre(X);   X = hc_ffn.post(ffn(ffn_norm(x_in), ids), X, post, comb)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from dsv4_train.config.model import ModelConfig
+from dsv4_train.model.mhc import HyperConnection
+from dsv4_train.model.moe import V4MoELayer
+
+
+def rms_norm(config, model_cfg: ModelConfig, size: Optional[int] = None):
+    """Megatron's torch-backed RMSNorm (weight, no bias) with V4's epsilon."""
+    return WrappedTorchNorm(config=config, hidden_size=size or config.hidden_size, eps=model_cfg.rms_norm_eps)
+
+
+class V4Block(MegatronModule):
+    """`layer_index` is the 0-based index into `model_cfg.compress_ratios` (MTP blocks follow the
+    main layers); it selects the attention mode and whether routing is hashed."""
+
+    def __init__(self, *, config, model_cfg: ModelConfig, layer_index: int):
+        super().__init__(config=config)
+        from dsv4_train.model.attention import HybridAttention  # the teammate's module
+
+        schedule = model_cfg.layer_schedule()[layer_index]
+        self.layer_index = layer_index
+        self.is_mtp = schedule["is_mtp"]
+        hc_kwargs = dict(
+            hc_mult=model_cfg.hc_mult,
+            sinkhorn_iters=model_cfg.hc_sinkhorn_iters,
+            hc_eps=model_cfg.hc_eps,
+            norm_eps=model_cfg.rms_norm_eps,
+        )
+        self.hc_attn = HyperConnection(config=config, **hc_kwargs)
+        self.attn_norm = rms_norm(config, model_cfg)
+        self.attn = HybridAttention(config=config, model_cfg=model_cfg, layer_index=layer_index)
+        self.hc_ffn = HyperConnection(config=config, **hc_kwargs)
+        self.ffn_norm = rms_norm(config, model_cfg)
+        self.ffn = V4MoELayer(
+            config=config,
+            model_cfg=model_cfg,
+            # Megatron layer numbers are 1-based and, for MTP layers, counted within the MTP block
+            # (the router adds config.num_layers itself when logging).
+            layer_number=layer_index + 1 - (model_cfg.num_layers if self.is_mtp else 0),
+            hash_routed=schedule["hash_routed"],
+            is_mtp_layer=self.is_mtp,
+        )
+
+    def forward(
+        self,
+        streams: torch.Tensor,
+        *,
+        token_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """streams [s, b, n, d], token_ids [s, b], position_ids [s] or None -> [s, b, n, d]."""
+        x_in, post, comb = self.hc_attn.pre(streams)
+        attn_out = self.attn(self.attn_norm(x_in), position_ids=position_ids)
+        streams = HyperConnection.post(attn_out, streams, post, comb)
+
+        x_in, post, comb = self.hc_ffn.pre(streams)
+        ffn_out = self.ffn(self.ffn_norm(x_in), token_ids=token_ids)
+        return HyperConnection.post(ffn_out, streams, post, comb)

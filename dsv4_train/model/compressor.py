@@ -1,0 +1,82 @@
+"""Learned token-level KV compressor of CSA / HCA layers (spec §3.3), written by hand (V4-only).
+
+One compressed entry per complete block of `ratio` tokens: a per-channel softmax over the block's
+gate logits (plus a learned positional bias `ape`) mixes the block's projected values. For ratio 4
+(CSA, and the indexer's own compressor) windows overlap: entry i mixes the "own" half of the
+projections (channels [c:2c]) of block i with the "previous" half (channels [0:c]) of block i-1
+(entry 0 has no previous block: its logits are -inf and values 0). Afterwards every entry is
+RMS-normalised and its last `rope_dim` channels are rotated at the position of the block's first
+token (spec pitfall §13.6). Trailing tokens that do not fill a block are discarded (training).
+
+Numerics follow the official code: projections, gate softmax and the weighted sum run in fp32;
+the sum is cast to the input dtype before the RMSNorm. Parameter names match the official
+checkpoint (`wkv`, `wgate`, `ape`, `norm`); weights are replicated across tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm
+from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope
+
+OVERLAPPING_RATIO = 4  # the official code keys overlap (and the indexer) on ratio == 4
+
+
+class Compressor(nn.Module):
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        head_dim: int,
+        ratio: int,
+        rotary: InterleavedRotary,
+        eps: float,
+        init_method,
+        params_dtype: torch.dtype,
+    ):
+        super().__init__()
+        if ratio <= 0:
+            raise ValueError(f"Compressor ratio must be > 0, got {ratio}.")
+        self.head_dim = head_dim
+        self.ratio = ratio
+        self.overlap = ratio == OVERLAPPING_RATIO
+        self.rotary = rotary
+        width = (2 if self.overlap else 1) * head_dim
+        self.wkv = ReplicatedLinear(
+            hidden_size, width, init_method=init_method, params_dtype=params_dtype, compute_in_fp32=True
+        )
+        self.wgate = ReplicatedLinear(
+            hidden_size, width, init_method=init_method, params_dtype=params_dtype, compute_in_fp32=True
+        )
+        self.ape = nn.Parameter(torch.zeros(ratio, width, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, eps=eps)
+
+    def num_entries(self, seq_len: int) -> int:
+        return seq_len // self.ratio
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, B, hidden]; positions: [T] (RoPE positions of the tokens) -> [B, T // ratio, head_dim]."""
+        seq_len, batch, _ = x.shape
+        m, c = self.ratio, self.head_dim
+        n = self.num_entries(seq_len)
+        if n == 0:
+            return x.new_zeros(batch, 0, c)
+        usable = x[: n * m]
+        # [n*m, B, width] -> [B, n, m, width]
+        values = self.wkv(usable).view(n, m, batch, -1).permute(2, 0, 1, 3)
+        logits = self.wgate(usable).view(n, m, batch, -1).permute(2, 0, 1, 3) + self.ape.float()
+        if self.overlap:
+            # Previous-block half moved one block later; block 0 gets zero values and -inf logits.
+            prev_values = F.pad(values[:, :-1, :, :c], (0, 0, 0, 0, 1, 0))
+            prev_logits = torch.cat(
+                (torch.full_like(logits[:, :1, :, :c], float("-inf")), logits[:, :-1, :, :c]), dim=1
+            )
+            values = torch.cat((prev_values, values[..., c:]), dim=2)  # [B, n, 2m, c]
+            logits = torch.cat((prev_logits, logits[..., c:]), dim=2)
+        compressed = (values * logits.softmax(dim=2)).sum(dim=2)  # [B, n, c], fp32
+        compressed = self.norm(compressed.to(x.dtype))
+        cos, sin = self.rotary.cos_sin(positions[: n * m : m])  # block-start positions, [n, r/2]
+        return apply_interleaved_rope(compressed, cos, sin)

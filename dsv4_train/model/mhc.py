@@ -1,0 +1,121 @@
+"""Manifold-constrained hyper-connections (mHC, spec §5): V4's replacement of the residual stream.
+
+Megatron-Core 0.19.2 has no mHC, so this is hand-written. The residual is `hc_mult` streams,
+laid out Megatron-style as [s, b, n_hc, d]. Each wrapped sub-layer owns one `HyperConnection`
+(`hc_fn` [(2+n)n, n*d], `hc_base` [(2+n)n], `hc_scale` [3]); the model end owns a `HyperHead`.
+All mHC arithmetic runs in fp32 (as in the official code) and results are cast back.
+
+Formulas follow the official kernel order (spec §5.2, §13.1): `pre = sigmoid(.) + eps`,
+`post = 2 * sigmoid(.)` (no eps), `comb` = row softmax + eps, a column normalisation, then
+(t_max - 1) x (row, column) normalisations, ending with a column normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+
+def _weightless_rms_scale(flat: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/sqrt(mean(x^2) + eps) over the last dim, keepdim (applied after the mixing matmul)."""
+    return torch.rsqrt(flat.square().mean(dim=-1, keepdim=True) + eps)
+
+
+def sinkhorn_comb(logits: torch.Tensor, *, iters: int, eps: float) -> torch.Tensor:
+    """Project [.., n, n] logits onto (nearly) doubly stochastic matrices, official order.
+
+    Columns sum to 1 (up to eps) after the final step; rows to ~1.
+    """
+    comb = torch.softmax(logits, dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+class HyperConnection(MegatronModule):
+    """Coefficients and stream collapse/expand around one sub-layer (attention or MoE)."""
+
+    def __init__(self, *, config, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+        super().__init__(config=config)
+        self.hc_mult = hc_mult
+        self.sinkhorn_iters = sinkhorn_iters
+        self.hc_eps = hc_eps
+        self.norm_eps = norm_eps
+        mix = (2 + hc_mult) * hc_mult
+        width = hc_mult * config.hidden_size
+        # Kept in fp32 regardless of params_dtype (official code; mHC is precision sensitive).
+        self.fn = torch.nn.Parameter(torch.empty(mix, width, dtype=torch.float32))
+        self.base = torch.nn.Parameter(torch.empty(mix, dtype=torch.float32))
+        self.scale = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """From-scratch init (spec §5.5, our choice where the paper is silent): small alpha = 0.01
+        ([MHC]); pre ~ 1/n, post = 1, comb ~ identity (diagonal +4 before Sinkhorn)."""
+        n = self.hc_mult
+        self.fn.normal_(0.0, self.config.init_method_std)
+        self.scale.fill_(0.01)
+        pre_bias = math.log(1.0 / (n - 1)) if n > 1 else 0.0
+        self.base.zero_()
+        self.base[:n] = pre_bias
+        self.base[2 * n :].view(n, n).diagonal().fill_(4.0)
+
+    def coefficients(self, streams: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [s, b, n, d] -> pre [s, b, n], post [s, b, n], comb [s, b, n, n] (all fp32)."""
+        n = self.hc_mult
+        flat = streams.flatten(-2).float()  # [s, b, n*d]
+        mix = torch.nn.functional.linear(flat, self.fn) * _weightless_rms_scale(flat, self.norm_eps)
+        pre_mix, post_mix, res_mix = mix.split([n, n, n * n], dim=-1)
+        pre_base, post_base, res_base = self.base.split([n, n, n * n])
+        pre = torch.sigmoid(pre_mix * self.scale[0] + pre_base) + self.hc_eps
+        post = 2.0 * torch.sigmoid(post_mix * self.scale[1] + post_base)
+        res = (res_mix * self.scale[2] + res_base).unflatten(-1, (n, n))
+        comb = sinkhorn_comb(res, iters=self.sinkhorn_iters, eps=self.hc_eps)
+        return pre, post, comb
+
+    def pre(self, streams: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Collapse: returns (sub-layer input [s, b, d], post, comb)."""
+        pre, post, comb = self.coefficients(streams)
+        collapsed = (pre.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)
+        return collapsed, post, comb
+
+    @staticmethod
+    def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """Expand + mix: new[k] = post_k * f + sum_j comb[j, k] * X[j]; output [s, b, d] -> [s, b, n, d]."""
+        dtype = streams.dtype
+        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + mixed
+
+
+class HyperHead(MegatronModule):
+    """Final stream contraction (spec §5.4): y = sum_i (sigmoid(scale*mix_i + base_i) + eps) X_i."""
+
+    def __init__(self, *, config, hc_mult: int, hc_eps: float, norm_eps: float):
+        super().__init__(config=config)
+        self.hc_mult = hc_mult
+        self.hc_eps = hc_eps
+        self.norm_eps = norm_eps
+        self.fn = torch.nn.Parameter(torch.empty(hc_mult, hc_mult * config.hidden_size, dtype=torch.float32))
+        self.base = torch.nn.Parameter(torch.empty(hc_mult, dtype=torch.float32))
+        self.scale = torch.nn.Parameter(torch.empty(1, dtype=torch.float32))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n = self.hc_mult
+        self.fn.normal_(0.0, self.config.init_method_std)
+        self.scale.fill_(0.01)
+        self.base.fill_(math.log(1.0 / (n - 1)) if n > 1 else 0.0)  # weights ~ 1/n
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        """streams [s, b, n, d] -> [s, b, d]."""
+        flat = streams.flatten(-2).float()
+        mix = torch.nn.functional.linear(flat, self.fn) * _weightless_rms_scale(flat, self.norm_eps)
+        weights = torch.sigmoid(mix * self.scale + self.base) + self.hc_eps  # [s, b, n]
+        return (weights.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)

@@ -1,0 +1,84 @@
+"""V4 routers (spec §6-7).
+
+* Scored layers use Megatron-Core's `TopKRouter` unchanged: sqrtsoftplus scores, the expert bias
+  used for selection only, normalised top-k weights times `routed_scaling_factor`, the
+  sequence-wise balance loss, and the `expert_bias` / `local_tokens_per_expert` buffers that
+  Megatron's `finalize_model_grads` updates once per global batch.
+* Hash layers (the first `num_hash_layers`) need what Megatron lacks: experts chosen by a fixed
+  `tid2eid[token_id]` table. `HashRouter` keeps Megatron's `Router` gate (learned weight, fp32
+  gating) and reuses `topk_routing_with_score_function(precomputed_indices=...)` for the weights.
+  It deliberately has no `expert_bias` attribute: `finalize_model_grads` selects routers by
+  `hasattr(module, "expert_bias")`, so hash layers take no part in the bias update.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+from megatron.core.transformer.moe.router import Router, TopKRouter
+
+ScoredRouter = TopKRouter  # scored V4 layers: Megatron's router as is
+
+
+def build_hash_table(*, vocab_size: int, num_experts: int, topk: int, seed: int) -> torch.Tensor:
+    """Deterministic token -> experts table [vocab, topk] (int64) for from-scratch training.
+
+    Token v (in a seeded random order r(v)) takes the `topk` consecutive entries starting at
+    r(v)*topk (mod E) of a seeded permutation of the experts: the experts of one token are distinct
+    (topk <= E consecutive positions of a permutation) and every expert gets floor or ceil of
+    vocab*topk/E tokens (the windows tile the circle of experts evenly).
+    """
+    if topk > num_experts:
+        raise ValueError(
+            f"model.num_experts_per_tok={topk} exceeds model.num_routed_experts={num_experts}; "
+            "a token cannot be hash-routed to more distinct experts than exist."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    expert_perm = torch.randperm(num_experts, generator=generator)
+    token_rank = torch.randperm(vocab_size, generator=generator)
+    starts = token_rank * topk  # [V]
+    slots = (starts.unsqueeze(1) + torch.arange(topk).unsqueeze(0)) % num_experts  # [V, K]
+    return expert_perm[slots].to(torch.int64)
+
+
+class HashRouter(Router):
+    """Router whose expert choice is `tid2eid[token_id]`; only the combine weights are learned.
+
+    The MoE layer hands the token ids ([s, b], same layout and split as the hidden states) to
+    `set_token_ids` right before routing.
+    """
+
+    def __init__(self, *, config, pg_collection=None, is_mtp_layer: bool = False, vocab_size: int, hash_seed: int):
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        self.topk = config.moe_router_topk
+        table = build_hash_table(
+            vocab_size=vocab_size, num_experts=config.num_moe_experts, topk=self.topk, seed=hash_seed
+        )
+        # Persistent: saved in checkpoints (official name `gate.tid2eid`), never trained.
+        self.register_buffer("tid2eid", table, persistent=True)
+        self._token_ids: Optional[torch.Tensor] = None
+
+    def set_token_ids(self, token_ids: torch.Tensor) -> None:
+        self._token_ids = token_ids
+
+    def routing(self, logits: torch.Tensor, token_ids: torch.Tensor):
+        """logits [s, b, E], token_ids [s, b] -> (probs [s*b, E], routing_map [s*b, E])."""
+        logits = logits.view(-1, self.config.num_moe_experts)
+        experts = self.tid2eid[token_ids.reshape(-1)].long()  # [s*b, K]
+        return topk_routing_with_score_function(
+            logits,
+            self.topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.config.moe_router_score_function,
+            precomputed_indices=experts,
+        )
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        token_ids = self._token_ids
+        if token_ids is None:
+            raise RuntimeError("HashRouter needs the token ids: call set_token_ids() before routing")
+        assert token_ids.shape == input.shape[:-1], (token_ids.shape, input.shape)
+        self._token_ids = None  # one use per forward: a stale id tensor must never be reused
+        return self.routing(self.gating(input), token_ids)

@@ -1,0 +1,182 @@
+"""The real Slurm template and torchrun.sh, end to end, on CPU with gloo.
+
+The stand-in `sbatch`/`srun`/`scontrol`/`scancel` (tests/launch/fake_slurm) run the payload locally
+with the environment a cluster sets: 2 "nodes" are 2 local process groups of one task each. Every
+run trains the tiny model for a few steps, so this file takes a few minutes on 2 cores.
+
+Resumed-vs-uninterrupted comparisons use rel=1e-6: the same 2-rank layout, seed, data position,
+optimizer and RNG state are restored exactly, so any larger difference is a resume bug (fp32 runs of
+the same layout are otherwise bit-reproducible on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dsv4_train.launch.preemption import EXIT_PREEMPTED
+from tests.helpers import REPO, by_step, read_metrics
+from tests.launch.launch_helpers import (
+    SUBMIT,
+    TORCHRUN,
+    calls,
+    describe,
+    jobs,
+    metrics_steps,
+    run_script,
+    slurm_env,
+    wait_for,
+)
+
+MAX_STEPS = 8
+TRAIN = [
+    f"train.max_steps={MAX_STEPS}",
+    "optim.warmup_steps=2",
+    "optim.decay_steps=20",  # explicit, so the LR curve does not depend on where a run stops
+    "logging.wandb=false",
+]
+COMPARED = ("lm_loss", "mtp_loss", "grad_norm", "lr")
+SLURM_2x1 = {"RECIPE": "tiny_pretrain", "NODES": "2", "GPUS_PER_NODE": "1"}
+
+
+def _submit_env(state: Path, run_dir: Path) -> dict:
+    return slurm_env(state, {**SLURM_2x1, "RUN_DIR": str(run_dir)})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-node x 1-process run through launch/slurm/submit.sh."""
+    root = tmp_path_factory.mktemp("reference")
+    state, run_dir = root / "slurm", root / "run"
+    proc = run_script(SUBMIT, TRAIN, _submit_env(state, run_dir))
+    return proc, state, run_dir
+
+
+def _assert_matches_reference(run_dir: Path, reference_dir: Path, steps) -> None:
+    ref, got = by_step(read_metrics(reference_dir)), by_step(read_metrics(run_dir))
+    for step in steps:
+        for key in COMPARED:
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-6), (step, key, ref[step], got[step])
+
+
+@pytest.mark.slow
+def test_slurm_template_runs_two_nodes(reference):
+    proc, state, run_dir = reference
+    assert proc.returncode == 0, describe(proc)
+    (sbatch,) = calls(state, "sbatch")
+    assert {"--nodes=2", "--ntasks-per-node=1", "--signal=USR2@120"} <= set(sbatch["argv"])
+    (job,) = jobs(state)
+    assert job["attempts"] == [{"restart": 0, "rc": 0}], job
+    (srun,) = calls(state, "srun")
+    assert "--kill-on-bad-exit=1" in srun["argv"]
+    (step,) = job["steps"].values()
+    assert len(step["pgids"]) == 2 and step["rcs"] == [0, 0], "two nodes, one process group each"
+    assert metrics_steps(run_dir) == list(range(1, MAX_STEPS + 1))
+    logs = run_dir / "logs" / f"slurm-{job['id']}"
+    rank0, rank1 = (logs / "rank_0.out").read_text(), (logs / "rank_1.out").read_text()
+    assert "2 process(es)" in rank0, rank0[-2000:]
+    assert rank1.strip(), "rank 1 has its own log"
+    record = run_dir / "launch" / f"job-{job['id']}.attempt-0"
+    assert "commit:" in (record / "code_version.txt").read_text() or "not a git checkout" in (
+        record / "code_version.txt").read_text()
+    assert f"dir: {run_dir}" in (record / "config.yaml").read_text()
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "launch" / "resubmit.sh").is_file()
+
+
+@pytest.mark.slow
+def test_slurm_preemption_saves_requeues_and_resumes(reference, tmp_path):
+    ref_proc, _, ref_dir = reference
+    assert ref_proc.returncode == 0, describe(ref_proc)
+    state, run_dir = tmp_path / "slurm", tmp_path / "run"
+    proc = subprocess.Popen(["bash", str(SUBMIT), *TRAIN], cwd=REPO, env=_submit_env(state, run_dir),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(metrics_steps(run_dir)) >= 2, timeout=240, what="step 2", proc=proc)
+        last_before = max(metrics_steps(run_dir))
+        (job,) = jobs(state)
+        # What Slurm does SIGNAL_LEAD_S before the time limit: SIGUSR2 to every task of the step.
+        subprocess.run(["scancel", "--signal=USR2", job["id"]], env=_submit_env(state, run_dir), check=True)
+        proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, describe(proc)
+    (job,) = jobs(state)
+    assert [a["rc"] for a in job["attempts"]] == [EXIT_PREEMPTED, 0], job
+    first_step = job["steps"]["0"]
+    assert first_step["rcs"] == [EXIT_PREEMPTED, EXIT_PREEMPTED], "every rank saved and exited with 75"
+    assert [c["argv"] for c in calls(state, "scontrol") if c["argv"][0] == "requeue"] == [["requeue", job["id"]]]
+    rank0 = (run_dir / "logs" / f"slurm-{job['id']}" / "rank_0.out").read_text()
+    saved = int(rank0.split("preemption requested: saving at step ")[1].split()[0])
+    # Within one step: the step in flight at the signal finishes, then the ranks stop (+1 for a step
+    # that may end between reading metrics.jsonl and sending the signal).
+    assert last_before <= saved <= last_before + 2, (last_before, saved)
+    assert "resumed from" in rank0
+    assert metrics_steps(run_dir) == list(range(1, MAX_STEPS + 1)), "the requeued attempt appends the rest"
+    _assert_matches_reference(run_dir, ref_dir, range(saved + 1, MAX_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_torchrun_stop_signal_exits_75_and_the_same_command_resumes(reference, tmp_path):
+    ref_proc, _, ref_dir = reference
+    assert ref_proc.returncode == 0, describe(ref_proc)
+    run_dir = tmp_path / "run"
+    env = slurm_env(tmp_path / "nostate", {"NPROC_PER_NODE": "2", "RUN_DIR": str(run_dir)})
+    command = ["bash", str(TORCHRUN), *TRAIN]
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(metrics_steps(run_dir)) >= 2, timeout=240, what="step 2", proc=proc)
+        last_before = max(metrics_steps(run_dir))
+        proc.send_signal(signal.SIGTERM)  # to the launcher script only, as `kill <pid>` would
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, describe(proc)
+    saved = max(metrics_steps(run_dir))
+    assert last_before <= saved <= last_before + 2, (last_before, saved)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip().endswith(f"{saved:08d}")
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, describe(again)
+    assert metrics_steps(run_dir) == list(range(1, MAX_STEPS + 1))
+    _assert_matches_reference(run_dir, ref_dir, range(saved + 1, MAX_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    """SIGKILL every process while a checkpoint is being written (its .partial directory exists);
+    the relaunch resumes from the newest complete checkpoint and finishes."""
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    env = slurm_env(tmp_path / "nostate", {"NPROC_PER_NODE": "2", "RUN_DIR": str(run_dir)})
+    command = ["bash", str(TORCHRUN), *TRAIN, "checkpoint.save_interval=1", "checkpoint.keep_last=10"]
+    partial = []
+    for _attempt in range(5):  # a save can finish between seeing .partial and the kill: try again
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: any(ckpt.glob("step_*/dsv4_complete.json"))
+                     and any(p.name.endswith(".partial") for p in ckpt.glob("step_*")),
+                     timeout=240, what="a save in progress after a complete one", proc=proc)
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        partial = sorted(p.name for p in ckpt.glob("step_*.partial"))
+        if partial:
+            break
+    assert partial, "never caught a save in progress"
+    latest = (ckpt / "latest").read_text().strip()
+    assert (ckpt / latest / "dsv4_complete.json").is_file()
+    assert int(latest.split("_")[1]) < int(partial[-1].split("_")[1].split(".")[0]), (latest, partial)
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, describe(again)
+    resumed = [line for line in (run_dir / "logs" / "rank_0.log").read_text().splitlines() if "resumed from" in line]
+    assert resumed and latest in resumed[-1], resumed
+    assert max(metrics_steps(run_dir)) == MAX_STEPS
