@@ -54,6 +54,11 @@ def preflight_inputs(cfg: Config) -> None:
     from dsv4_train.train.loop import checkpoint_root
 
     check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
+    if cfg.checkpoint.load_model_only and cfg.checkpoint.load in ("auto", "none"):
+        raise ValueError(
+            f"checkpoint.load_model_only=true needs checkpoint.load=<path of the checkpoint to take the "
+            f"weights from>, not {cfg.checkpoint.load!r}."
+        )
     resolve_load_path(cfg.checkpoint.load, checkpoint_root(cfg))
 
 

@@ -120,7 +120,7 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
     model_sharded = {}
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
-        chunk_sd = chunk.sharded_state_dict()
+        chunk_sd = _unwrap(chunk).sharded_state_dict()
         sharded[key] = chunk_sd
         model_sharded.update(chunk_sd)
     if optimizer is not None:
@@ -164,7 +164,13 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
     if _rank() == 0:
         with open(os.path.join(partial, COMPLETE_MARKER), "w") as f:
             json.dump(
-                {"step": state.step, "consumed_samples": state.consumed_samples, "world_size": _world()}, f
+                {
+                    "step": state.step,
+                    "consumed_samples": state.consumed_samples,
+                    "world_size": _world(),
+                    "contents": "full" if optimizer is not None else "model",
+                },
+                f,
             )
         if os.path.isdir(final):
             stale = final + ".old"
@@ -179,15 +185,26 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
     return final
 
 
-def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler) -> TrainState:
-    """Load model, optimizer, scheduler, train state and (same world size) RNG from `path`."""
+def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only: bool = False) -> TrainState:
+    """Load model, optimizer, scheduler, train state and (same world size) RNG from `path`.
+
+    model_only: load the weights (and model buffers: hash tables, expert bias) only and return a
+    fresh TrainState, for fine-tuning or for starting several layouts from identical weights.
+    """
     from megatron.core import dist_checkpointing
 
+    model_only = model_only or weights_only(path)
+    if model_only:
+        optimizer = scheduler = None
     sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), is_loading=True)
+    if model_only:
+        sharded = {key: value for key, value in sharded.items() if key.startswith("model")}
     loaded = dist_checkpointing.load(sharded, path)
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
-        chunk.load_state_dict(loaded[key], strict=True)
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if model_only:
+        return TrainState()
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
@@ -203,6 +220,20 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler) -> TrainSt
         consumed_samples=int(train_state["consumed_samples"]),
         mtp_loss_weight=train_state.get("mtp_loss_weight"),
     )
+
+
+def weights_only(path: str) -> bool:
+    """A checkpoint saved without optimizer state (e.g. checkpoint.save_initial)."""
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            return json.load(f).get("contents") == "model"
+    except (OSError, ValueError):
+        return False
+
+
+def _unwrap(chunk):
+    """The MegatronModule inside a DDP wrapper: checkpoints hold model keys, not wrapper keys."""
+    return getattr(chunk, "module", chunk)
 
 
 # --- optimizer fixes for Megatron-Core 0.19.2 -------------------------------------------------

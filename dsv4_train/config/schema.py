@@ -111,6 +111,12 @@ class CheckpointConfig:
     load: str = "auto"  # auto (latest complete in <run.dir>/checkpoints) | none | <path to a checkpoint dir>
     dir: Optional[str] = None  # None = <run.dir>/checkpoints
     keep_last: int = 2
+    # Save the freshly initialised weights as step 0 before training (reference weights for
+    # layout-parity checks, or a fixed starting point for a sweep).
+    save_initial: bool = False
+    # Load only the model weights from checkpoint.load and start at step 0 with a fresh optimizer,
+    # scheduler and data position (fine-tuning from a pre-trained checkpoint).
+    load_model_only: bool = False
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import torch
 
-from dsv4_train.checkpoint.io import TrainState, load_checkpoint, resolve_load_path, save_checkpoint
+from dsv4_train.checkpoint.io import TrainState, find_latest, weights_only, load_checkpoint, resolve_load_path, save_checkpoint
 from dsv4_train.config.schema import Config
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.metrics import MetricsSink
@@ -108,8 +108,13 @@ def run_training(cfg: Config, derived) -> int:
     ckpt_root = checkpoint_root(cfg)
     # Fails fast (before any model is built) when an explicitly requested checkpoint is missing.
     load_path = resolve_load_path(cfg.checkpoint.load, ckpt_root)
+    model_only = cfg.checkpoint.load_model_only
+    own_latest = find_latest(ckpt_root)
+    if model_only and own_latest is not None:
+        # Started from pre-trained weights earlier and has saved since: resume this run instead.
+        load_path, model_only = own_latest, False
     start = TrainState()
-    if load_path is not None:
+    if load_path is not None and not model_only and not weights_only(load_path):
         marker = _read_marker(load_path)
         start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))
 
@@ -135,9 +140,17 @@ def run_training(cfg: Config, derived) -> int:
     optimizer, scheduler = build_optimizer(model_chunks, cfg=cfg)
     wire_model_config(model_chunks, optimizer)
     if load_path is not None:
-        start = load_checkpoint(load_path, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler)
+        start = load_checkpoint(load_path, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+                                model_only=model_only)
+        if model_only or weights_only(load_path):
+            optimizer.reload_model_params()  # fp32 main copies (bf16 training) follow the loaded weights
         if runtime.is_main:
-            print(f"resumed from {load_path} at step {start.step}", flush=True)
+            what = "loaded model weights from" if model_only else "resumed from"
+            print(f"{what} {load_path} at step {start.step}", flush=True)
+    elif cfg.checkpoint.save_initial:
+        # Weights only: a fresh optimizer has no state to save yet.
+        save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=None, scheduler=None,
+                        state=start, keep_last=0)
 
     decay_start = derived.decay_start_step
 
