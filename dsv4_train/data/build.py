@@ -95,6 +95,8 @@ def _collective_prepare(cache_dir: Path, fn, log):
     """Run `fn()` on rank 0 (under the cache lock) first, then on the other ranks, which then find its files.
 
     Without torch.distributed every process takes the lock in turn; `fn` reuses what it finds complete.
+    The second barrier keeps rank 0 from taking the lock again (in `build_gpt_datasets`, where it holds it
+    across Megatron's barriers) while another rank still waits for it here: that would deadlock.
     """
     if not _is_distributed():
         with cache.exclusive_lock(cache_dir):
@@ -107,6 +109,7 @@ def _collective_prepare(cache_dir: Path, fn, log):
     if _rank() != 0:
         with cache.exclusive_lock(cache_dir):
             result = fn(lambda *_a, **_k: None)
+    torch.distributed.barrier()
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,9 +47,14 @@ def test_independent_processes_share_a_fresh_cache(tmp_path):
     cache, out = tmp_path / "shared_cache", tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, str(PROBE), "--cache", str(cache), "--out", str(out), "--tag", f"-{i}"],
                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for proc in procs:
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     first, second = (json.loads((out / f"rank0-{i}.json").read_text()) for i in range(2))
     assert first == second == _reference(tmp_path / "reference_cache", 1)[0]
     assert len(list((cache / "tokenizers").iterdir())) == 1
@@ -63,12 +69,19 @@ def _free_port() -> int:
 
 def test_two_ranks_prepare_collectively_and_read_their_dp_share(tmp_path):
     cache, out = tmp_path / "shared_cache", tmp_path / "out"
-    result = subprocess.run(
+    # Own process group, so that a hang (a deadlock never ends by itself) kills torchrun *and* its ranks.
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         str(PROBE), "--cache", str(cache), "--out", str(out)],
-        env=_env(), capture_output=True, text=True, timeout=240,
+         str(PROBE), "--cache", str(cache), "--out", str(out), "--slow-lock"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, err = proc.communicate(timeout=120)  # ~10 s normally
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("two ranks preparing the data on a fresh cache did not finish in 120 s (deadlock?)")
+    assert proc.returncode == 0, err[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks == _reference(tmp_path / "reference_cache", 2)
     # ... and together they are the one-process stream (Megatron sampler order).
