@@ -245,6 +245,10 @@ def _prepare_optimizer_for_load(optimizer) -> None:
     """A fresh DistributedOptimizer has no state; `state_dict()` then asserts. Allocate it first."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    from dsv4_train.checkpoint import mcore_fixes
+
+    mcore_fixes.apply()
+
     for sub in _sub_optimizers(optimizer):
         if isinstance(sub, DistributedOptimizer) and len(sub.optimizer.state) == 0:
             sub._init_optimizer_states_with_dummy_values()
