@@ -209,11 +209,14 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
         return
     if args.config_path or args.config_name or args.config_dir:
         return  # a different primary config: leave it all to Hydra
-    world = os.environ.get("WORLD_SIZE")
+    # The launched world: torchrun's WORLD_SIZE, srun's SLURM_NTASKS, else a single process.
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
     for overrides in override_sets(args.overrides, multirun=args.multirun, config_dir=load.CONFIG_DIR):
         typed = load.to_typed(load.compose_dict(overrides))
         if not args.cfg:  # --cfg only prints; do not refuse to show an invalid config
-            validate(typed, world_size=int(world) if world else None)
+            # A plan made on one process describes the layout's own world (parallel.world_size).
+            plan_world = None if (typed.run.plan_only and world == 1) else world
+            validate(typed, world_size=plan_world)
             if extra_check is not None:
                 extra_check(typed)
 
