@@ -24,6 +24,14 @@ def _weightless_rms_scale(flat: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(flat.square().mean(dim=-1, keepdim=True) + eps)
 
 
+def _mark_sequence_parallel(module: torch.nn.Module, config) -> None:
+    """Under sequence parallelism each TP rank sees only its slice of the tokens, so these
+    replicated weights get partial gradients: the tag makes Megatron's `finalize_model_grads`
+    sum them over TP (as it does for norm weights)."""
+    for param in module.parameters(recurse=False):
+        param.sequence_parallel = bool(config.sequence_parallel)
+
+
 def sinkhorn_comb(logits: torch.Tensor, *, iters: int, eps: float) -> torch.Tensor:
     """Project [.., n, n] logits onto (nearly) doubly stochastic matrices, official order.
 
@@ -52,6 +60,7 @@ class HyperConnection(MegatronModule):
         self.fn = torch.nn.Parameter(torch.empty(mix, width, dtype=torch.float32))
         self.base = torch.nn.Parameter(torch.empty(mix, dtype=torch.float32))
         self.scale = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+        _mark_sequence_parallel(self, config)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -70,7 +79,7 @@ class HyperConnection(MegatronModule):
         """streams [s, b, n, d] -> pre [s, b, n], post [s, b, n], comb [s, b, n, n] (all fp32)."""
         n = self.hc_mult
         flat = streams.flatten(-2).float()  # [s, b, n*d]
-        mix = torch.nn.functional.linear(flat, self.fn) * _weightless_rms_scale(flat, self.norm_eps)
+        mix = torch.nn.functional.linear(flat, self.fn.float()) * _weightless_rms_scale(flat, self.norm_eps)
         pre_mix, post_mix, res_mix = mix.split([n, n, n * n], dim=-1)
         pre_base, post_base, res_base = self.base.split([n, n, n * n])
         pre = torch.sigmoid(pre_mix * self.scale[0] + pre_base) + self.hc_eps
@@ -104,6 +113,7 @@ class HyperHead(MegatronModule):
         self.fn = torch.nn.Parameter(torch.empty(hc_mult, hc_mult * config.hidden_size, dtype=torch.float32))
         self.base = torch.nn.Parameter(torch.empty(hc_mult, dtype=torch.float32))
         self.scale = torch.nn.Parameter(torch.empty(1, dtype=torch.float32))
+        _mark_sequence_parallel(self, config)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -116,6 +126,6 @@ class HyperHead(MegatronModule):
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [s, b, n, d] -> [s, b, d]."""
         flat = streams.flatten(-2).float()
-        mix = torch.nn.functional.linear(flat, self.fn) * _weightless_rms_scale(flat, self.norm_eps)
+        mix = torch.nn.functional.linear(flat, self.fn.float()) * _weightless_rms_scale(flat, self.norm_eps)
         weights = torch.sigmoid(mix * self.scale + self.base) + self.hc_eps  # [s, b, n]
         return (weights.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)

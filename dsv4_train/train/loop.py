@@ -49,6 +49,10 @@ def build_model_chunks(cfg: Config) -> List[torch.nn.Module]:
     model = build_model(model_cfg=cfg.model, transformer_config=transformer_config, pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
+    if cfg.train.precision == "bf16":
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(transformer_config, model)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
@@ -59,7 +63,9 @@ def build_model_chunks(cfg: Config) -> List[torch.nn.Module]:
 
 
 def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
 
 
 def _set_mtp_weight(model_chunks, weight: float) -> None:
