@@ -89,5 +89,5 @@ def test_bf16_trains_saves_and_resumes(tmp_path):
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(math.isfinite(r["lm_loss"]) for r in rows)
-    # bf16 tracks fp32 closely at the start (same weights, same data): within 1% on step 1.
-    assert rows[0]["lm_loss"] == pytest.approx(6.2445, rel=1e-2)
+    # A fresh model predicts near-uniformly: step-1 loss within 2% of ln(vocab=512) also in bf16.
+    assert rows[0]["lm_loss"] == pytest.approx(math.log(512), rel=2e-2)
