@@ -147,6 +147,7 @@ def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
         )
     if p.sp and p.tp == 1:
         problems.append("parallel.sp=true requires parallel.tp > 1; set parallel.sp=false or raise tp.")
+    check_tensor_parallel_sizes(cfg, etp, problems)
     if p.vpp is not None and p.vpp > 1 and p.pp == 1:
         problems.append(f"parallel.vpp={p.vpp} requires parallel.pp > 1; set parallel.vpp=null.")
     vpp = p.vpp or 1
@@ -165,6 +166,16 @@ def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
             f" * dp = {t.micro_batch_size}*{dp}; pick a multiple of {t.micro_batch_size * dp}."
         )
+    elif dp is not None and t.micro_batch_size > 0 and vpp > 1:
+        micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+        if micro_batches % p.pp:
+            # Megatron's interleaved schedule runs micro-batches in groups of pp per virtual stage.
+            problems.append(
+                f"parallel.vpp={vpp} (interleaved pipeline) needs the micro-batches per step, "
+                f"train.global_batch_size / (train.micro_batch_size * dp) = {t.global_batch_size}/"
+                f"({t.micro_batch_size}*{dp}) = {micro_batches}, to be a multiple of parallel.pp={p.pp}; "
+                f"raise train.global_batch_size to a multiple of {t.micro_batch_size * dp * p.pp} or set parallel.vpp=null."
+            )
     if t.seq_length % p.cp:
         problems.append(f"train.seq_length={t.seq_length} is not divisible by parallel.cp={p.cp}.")
     elif p.cp > 1:
@@ -175,6 +186,50 @@ def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
                 f"the per-CP-rank sequence train.seq_length / cp = {local} is not divisible by "
                 f"compress ratios {bad}; compressed blocks must not straddle CP ranks."
             )
+        if m.sliding_window - 1 > local:
+            # The window halo comes from the previous CP rank only (parallel/context.py).
+            problems.append(
+                f"model.sliding_window={m.sliding_window} reaches {m.sliding_window - 1} tokens back, more "
+                f"than one CP rank holds (train.seq_length / parallel.cp = {t.seq_length}/{p.cp} = {local}); "
+                f"lower parallel.cp so that every rank holds at least {m.sliding_window - 1} tokens, or raise "
+                "train.seq_length."
+            )
+
+
+def check_tensor_parallel_sizes(cfg, etp: int, problems: List[str]) -> None:
+    """Tensor / expert-tensor parallel rules that Megatron-Core would otherwise raise deep inside."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    if p.tp > 1 and not p.sp:
+        problems.append(
+            f"parallel.tp={p.tp} with parallel.sp=false: Megatron-Core's MoE layer refuses tensor "
+            "parallelism without sequence parallelism in training (moe_layer.py), and every V4 layer "
+            "has an MoE; set parallel.sp=true (same maths, less activation memory) or parallel.tp=1."
+        )
+    for name, value in (("vocab_size", m.vocab_size), ("hidden_size", m.hidden_size)):
+        # Embedding / output head / MTP are split by vocab rows; MTP e_proj/h_proj by hidden columns.
+        if value and value % p.tp:
+            problems.append(
+                f"model.{name}={value} is not divisible by parallel.tp={p.tp} (the vocab-parallel "
+                "embedding and output head split the vocab, MTP's e_proj/h_proj the hidden size); "
+                "pick a tp that divides it."
+            )
+    shared = m.moe_intermediate_size * m.num_shared_experts
+    if shared and shared % p.tp:
+        problems.append(
+            f"the shared expert width model.moe_intermediate_size * num_shared_experts = {shared} is "
+            f"not divisible by parallel.tp={p.tp}; pick a tp that divides it."
+        )
+    if etp > 0 and m.moe_intermediate_size % etp:
+        problems.append(
+            f"model.moe_intermediate_size={m.moe_intermediate_size} is not divisible by the expert "
+            f"tensor-parallel size {etp} (parallel.etp, or parallel.tp when etp is null); set "
+            "parallel.etp to a divisor (e.g. parallel.etp=1)."
+        )
+    if p.sp and p.tp > 1 and p.cp > 0 and t.seq_length % (p.cp * p.tp):
+        problems.append(
+            f"parallel.sp=true splits each rank's sequence over tp: train.seq_length={t.seq_length} must "
+            f"be divisible by parallel.cp * parallel.tp = {p.cp}*{p.tp} = {p.cp * p.tp}."
+        )
 
 
 def check_layout(layout: str, cfg, vpp: int, problems: List[str]) -> None:
@@ -203,6 +258,11 @@ def check_layout(layout: str, cfg, vpp: int, problems: List[str]) -> None:
         problems.append(f"{name} must end with exactly one L (loss).")
     if "mtp" in flat and "decoder" in flat[flat.index("mtp"):]:
         problems.append(f"{name} puts decoder layers after an MTP layer; MTP layers come last.")
+    if any("mtp" in s and "loss" not in s for s in stages):
+        problems.append(
+            f"{name} puts MTP layers (m) on a stage without the loss (L); the MTP block needs the "
+            "output layer and the labels of the last stage: write them in the last stage, e.g. '...|t*2,mL'."
+        )
 
 
 def check_train(cfg, problems: List[str]) -> None:

@@ -30,6 +30,12 @@ compressed entries, a [T, T+N] visibility mask, the sink as an extra logit colum
 training at small/medium sizes; it keeps one [B, H, T, T+N] probability tensor for backward.
 Masks use sequence indices; `position_ids` only drives RoPE (a contiguous chunk whose first token
 starts a compression block).
+
+Context parallel (`cp`, a `parallel.context.ContextParallelSlice`): this rank's queries are one
+contiguous slice of the sequence. The window keys are extended by a halo (the previous rank's last
+rows of x, recomputed through wkv/kv_norm/RoPE here), the overlapping compressors get the previous
+block from the same halo, and the compressed entries (main and indexer) are all-gathered over CP, so
+every query sees exactly the keys it sees unsplit; masks use global sequence indices.
 """
 
 from __future__ import annotations
@@ -49,22 +55,34 @@ from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.indexer import LightningIndexer, _without_sequence_parallel, indexer_kl_loss
 from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
 from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary
+from dsv4_train.parallel import context as cp_context
 
 INDEXER_PHASES = ("dense", "warmup", "sparse")
 INDEXER_LOSS_NAME = "indexer_loss"
 
 
-def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """Bool [T, T]: query t may attend key j iff t - window < j <= t (window includes t itself)."""
-    t = torch.arange(seq_len, device=device)
-    distance = t[:, None] - t[None, :]
-    return (distance >= 0) & (distance < window)
+def window_mask(seq_len: int, window: int, device: torch.device, *, halo: int = 0, offset: int = 0) -> torch.Tensor:
+    """Bool [T, halo + T]: query t may attend key j iff t - window < j <= t (window includes t itself).
+
+    CP: queries are sequence indices offset..offset+T-1, keys the `halo` tokens before them then the
+    queries' own tokens; keys before the sequence start (rank 0's halo) are never visible.
+    """
+    t = torch.arange(seq_len, device=device) + offset
+    j = torch.arange(-halo, seq_len, device=device) + offset
+    distance = t[:, None] - j[None, :]
+    return (distance >= 0) & (distance < window) & (j >= 0)[None, :]
 
 
-def compressed_visibility(seq_len: int, ratio: int, device: torch.device) -> torch.Tensor:
-    """Bool [T, T // ratio]: query t may see entry s iff s < floor((t + 1) / ratio) (block complete)."""
-    t = torch.arange(seq_len, device=device)
-    s = torch.arange(seq_len // ratio, device=device)
+def compressed_visibility(
+    seq_len: int, ratio: int, device: torch.device, *, offset: int = 0, num_entries: Optional[int] = None
+) -> torch.Tensor:
+    """Bool [T, N]: query t may see entry s iff s < floor((t + 1) / ratio) (block complete).
+
+    CP: queries are sequence indices offset..offset+T-1 and N (default T // ratio) counts the
+    entries of the whole sequence.
+    """
+    t = torch.arange(seq_len, device=device) + offset
+    s = torch.arange(seq_len // ratio if num_entries is None else num_entries, device=device)
     return s[None, :] < ((t + 1) // ratio)[:, None]
 
 
@@ -164,8 +182,11 @@ class HybridAttention(MegatronModule):
             self.indexer = LightningIndexer(config=config, model_cfg=model_cfg, rotary=self.rotary)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, hidden_states: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden_states: [s, b, hidden] (already RMS-normed) -> [s, b, hidden]."""
+    def forward(
+        self, hidden_states: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None, cp=None
+    ) -> torch.Tensor:
+        """hidden_states: [s, b, hidden] (already RMS-normed) -> [s, b, hidden]; cp: this rank's
+        `ContextParallelSlice` or None (s is then the local slice, position_ids its global positions)."""
         x = hidden_states
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
@@ -178,18 +199,31 @@ class HybridAttention(MegatronModule):
         q = apply_interleaved_rope(rms_normalize(q, self.eps), cos[:, None, None], sin[:, None, None])
         q = q.permute(1, 2, 0, 3)  # [B, H_local, T, c]
 
-        kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos[:, None], sin[:, None])  # [T, B, c]
-        kv = tensor_parallel.copy_to_tensor_model_parallel_region(kv).transpose(0, 1)  # [B, T, c]
-        allowed = window_mask(seq_len, self.window, x.device)  # [T, T]
+        kv = self._window_kv(x, cos, sin)  # [B, T, c]
+        halo = previous = None
+        if cp is not None:
+            halo = cp_context.previous_rows(x, cp)  # [h, B, hidden]
+            halo_cos, halo_sin = self.rotary.cos_sin(cp.halo_positions.to(x.device))
+            kv = torch.cat((self._window_kv(halo, halo_cos, halo_sin), kv), dim=1)  # [B, h + T, c]
+            allowed = window_mask(seq_len, self.window, x.device, halo=cp.halo, offset=cp.offset)  # [T, h+T]
+            if cp.rank > 0:
+                previous = halo[halo.shape[0] - CSA_RATIO :]  # the block before ours (overlapping compressors)
+        else:
+            allowed = window_mask(seq_len, self.window, x.device)  # [T, T]
+        num_window_keys = kv.shape[1]
 
         scores = support = None
         if self.compressor is not None:
-            compressed = self.compressor(x, positions)  # [B, N, c]
+            compressed = self.compressor(x, positions, previous=previous)  # [B, N, c]
+            if cp is not None:
+                compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
             compressed = tensor_parallel.copy_to_tensor_model_parallel_region(compressed)
-            visible = compressed_visibility(seq_len, self.ratio, x.device)  # [T, N]
+            visible = compressed_visibility(  # [T, N]
+                seq_len, self.ratio, x.device, offset=cp.offset if cp else 0, num_entries=compressed.shape[1]
+            )
             support = visible
             if self.indexer is not None and self._phase() != "dense":
-                scores = self.indexer.scores(x, c_q, positions, visible)  # [B, T, N]
+                scores = self.indexer.scores(x, c_q, positions, visible, previous=previous, cp=cp)  # [B, T, N]
                 if self._phase() == "sparse":
                     support = self.indexer.select(scores, visible)
             kv = torch.cat((kv, compressed.to(kv.dtype)), dim=1)
@@ -203,10 +237,11 @@ class HybridAttention(MegatronModule):
         indexer_loss = None
         if scores is not None and self.training and torch.is_grad_enabled():
             # Main attention mass per compressed entry, summed over all heads (all TP ranks).
-            mass = probs.detach()[..., seq_len:].sum(dim=1)  # [B, T, N]
+            mass = probs.detach()[..., num_window_keys:].sum(dim=1)  # [B, T, N]
             mass = tensor_parallel.reduce_from_tensor_model_parallel_region(mass)
             support_full = support if support.dim() == 3 else support.expand(batch, -1, -1)
-            indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full)
+            # Under CP: this rank's share (its rows over the CP-global row count).
+            indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full, cp=cp)
 
         out = apply_interleaved_rope(out.permute(2, 0, 1, 3), cos[:, None, None], sin[:, None, None], inverse=True)
         output = self.wo_b(self._grouped_output(out))[0]  # [s, b, hidden]
@@ -215,6 +250,11 @@ class HybridAttention(MegatronModule):
         return output
 
     # ------------------------------------------------------------------------------------------
+    def _window_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, B, hidden] -> the single K=V head [B, T, c] (normed, RoPE at the given positions)."""
+        kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos[:, None], sin[:, None])  # [T, B, c]
+        return tensor_parallel.copy_to_tensor_model_parallel_region(kv).transpose(0, 1)
+
     def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, B, H_local, c] -> [T, B, groups_local * o_lora_rank] via per-group wo_a blocks."""
         seq_len, batch = out.shape[:2]

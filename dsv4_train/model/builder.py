@@ -27,6 +27,10 @@ def _check_consistent(model_cfg: ModelConfig, transformer_config) -> None:
         )
 
 
-def build_model(*, model_cfg: ModelConfig, transformer_config, pre_process: bool = True, post_process: bool = True) -> DSV4Model:
+def build_model(*, model_cfg: ModelConfig, transformer_config, pre_process: bool = True, post_process: bool = True,
+                stage=None) -> DSV4Model:
+    """stage: the `StageLayout` of one (pp rank, virtual stage) when pipeline-parallel (it then
+    decides pre/post-process); None builds the whole model."""
     _check_consistent(model_cfg, transformer_config)
-    return DSV4Model(config=transformer_config, model_cfg=model_cfg, pre_process=pre_process, post_process=post_process)
+    return DSV4Model(config=transformer_config, model_cfg=model_cfg, pre_process=pre_process,
+                     post_process=post_process, stage=stage)

@@ -7,6 +7,9 @@ projections (channels [c:2c]) of block i with the "previous" half (channels [0:c
 (entry 0 has no previous block: its logits are -inf and values 0). Afterwards every entry is
 RMS-normalised and its last `rope_dim` channels are rotated at the position of the block's first
 token (spec pitfall §13.6). Trailing tokens that do not fill a block are discarded (training).
+Under context parallelism `previous` carries the block before this rank's first token (the previous
+rank's last `ratio` rows), so the first local entry of an overlapping compressor mixes it exactly as
+the unsplit sequence would.
 
 Numerics follow the official code: projections, gate softmax and the weighted sum run in fp32;
 the sum is cast to the input dtype before the RMSNorm. Parameter names match the official
@@ -14,6 +17,8 @@ checkpoint (`wkv`, `wgate`, `ape`, `norm`); weights are replicated across tensor
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,8 +62,12 @@ class Compressor(nn.Module):
     def num_entries(self, seq_len: int) -> int:
         return seq_len // self.ratio
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, B, hidden]; positions: [T] (RoPE positions of the tokens) -> [B, T // ratio, head_dim]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [T, B, hidden]; positions: [T] (RoPE positions of the tokens) -> [B, T // ratio, head_dim].
+
+        previous: [ratio, B, hidden] rows right before x (CP halo) or None (x starts the sequence);
+        only overlapping compressors read it.
+        """
         seq_len, batch, _ = x.shape
         m, c = self.ratio, self.head_dim
         n = self.num_entries(seq_len)
@@ -68,7 +77,15 @@ class Compressor(nn.Module):
         # [n*m, B, width] -> [B, n, m, width]
         values = self.wkv(usable).view(n, m, batch, -1).permute(2, 0, 1, 3)
         logits = self.wgate(usable).view(n, m, batch, -1).permute(2, 0, 1, 3) + self.ape.float()
-        if self.overlap:
+        if self.overlap and previous is not None:
+            # Previous-block half moved one block later; block 0 takes it from `previous`.
+            first_values = self.wkv(previous).view(1, m, batch, -1).permute(2, 0, 1, 3)[..., :c]
+            first_logits = (self.wgate(previous).view(1, m, batch, -1).permute(2, 0, 1, 3) + self.ape.float())[..., :c]
+            prev_values = torch.cat((first_values, values[:, :-1, :, :c]), dim=1)
+            prev_logits = torch.cat((first_logits, logits[:, :-1, :, :c]), dim=1)
+            values = torch.cat((prev_values, values[..., c:]), dim=2)  # [B, n, 2m, c]
+            logits = torch.cat((prev_logits, logits[..., c:]), dim=2)
+        elif self.overlap:
             # Previous-block half moved one block later; block 0 gets zero values and -inf logits.
             prev_values = F.pad(values[:, :-1, :, :c], (0, 0, 0, 0, 1, 0))
             prev_logits = torch.cat(

@@ -22,15 +22,17 @@ of every rank's heads. Hadamard rotation and FP4 fake-quantisation of the offici
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
-from torch import nn
+from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.config.model import CSA_RATIO, ModelConfig
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope
+from dsv4_train.parallel.context import gather_entries, sum_over
 
 
 def _without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
@@ -42,9 +44,11 @@ def _without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
     return local
 
 
-class LightningIndexer(nn.Module):
+class LightningIndexer(MegatronModule):
+    # A MegatronModule so that checkpoints keep its TP-split `wq_b` / `weights_proj` sharded (a plain
+    # nn.Module child is saved as if replicated).
     def __init__(self, *, config: TransformerConfig, model_cfg: ModelConfig, rotary: InterleavedRotary):
-        super().__init__()
+        super().__init__(config=config)
         tp = config.tensor_model_parallel_size
         if model_cfg.index_n_heads % tp:
             raise ValueError(
@@ -88,16 +92,21 @@ class LightningIndexer(nn.Module):
         )
 
     def scores(
-        self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor
+        self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+        previous: Optional[torch.Tensor] = None, cp=None,
     ) -> torch.Tensor:
         """Index scores [B, T, N] in fp32, -inf where `visible` [T, N] is False.
 
         x: [T, B, hidden] and c_q: [T, B, q_lora_rank]; both are detached here so that the indexer
-        never back-propagates into the backbone.
+        never back-propagates into the backbone. Context parallel: `previous` [4, B, hidden] is the
+        block before x (None on the first rank), `cp` the slice; the keys of every rank are gathered
+        so the top-k sees every visible entry of the sequence.
         """
         x, c_q = x.detach(), c_q.detach()
         seq_len, batch, _ = x.shape
-        keys = self.compressor(x, positions)  # [B, N, cI]
+        keys = self.compressor(x, positions, previous=None if previous is None else previous.detach())  # [B, n, cI]
+        if cp is not None:
+            keys = gather_entries(keys, cp)  # [B, N, cI]
         keys = tensor_parallel.copy_to_tensor_model_parallel_region(keys)
         q = self.wq_b(c_q)[0].view(seq_len, batch, -1, self.head_dim)  # [T, B, hI_local, cI]
         cos, sin = self.rotary.cos_sin(positions)
@@ -117,12 +126,14 @@ class LightningIndexer(nn.Module):
         return chosen & visible
 
 
-def indexer_kl_loss(scores: torch.Tensor, target_mass: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+def indexer_kl_loss(scores: torch.Tensor, target_mass: torch.Tensor, support: torch.Tensor, cp=None) -> torch.Tensor:
     """mean_rows KL(target || softmax(scores)) over `support`, rows with no support or mass skipped.
 
     scores: [B, T, N] index scores (carry the indexer's gradient); target_mass: [B, T, N] detached
     non-negative attention mass per entry (any scale; renormalised here over the support);
     support: [B, T, N] bool. Returns a scalar fp32 tensor (0 when no row qualifies).
+    cp: under context parallelism, the rows are this rank's and the mean divides by the CP-global
+    row count, so the ranks' losses sum to the unsplit loss.
     """
     target = target_mass.detach().float().masked_fill(~support, 0.0)
     row_mass = target.sum(-1, keepdim=True)
@@ -133,4 +144,4 @@ def indexer_kl_loss(scores: torch.Tensor, target_mass: torch.Tensor, support: to
     log_pred = torch.log_softmax(logits, dim=-1).masked_fill(~support, 0.0)
     kl_rows = (torch.xlogy(target, target) - target * log_pred).sum(-1)
     # No host sync: average over qualifying rows via a masked sum.
-    return kl_rows.masked_fill(~rows, 0.0).sum() / rows.sum().clamp_min(1)
+    return kl_rows.masked_fill(~rows, 0.0).sum() / sum_over(rows.sum(), cp).clamp_min(1)

@@ -13,8 +13,20 @@ Contract with the training loop:
     model.set_mtp_loss_weight(w)
 Megatron layout inside: [s, b, ...]; the mHC residual is [s, b, hc_mult, d].
 
-Pipeline parallelism is not implemented yet (issues to solve then: `set_input_tensor` must carry
-the hc_mult streams across stage boundaries, and hash layers must sit on the first stage).
+Pipeline parallelism: one DSV4Model per (pp rank, virtual stage), built from a `StageLayout`
+(config/derive.py): it owns that stage's decoder layers (checkpoint keys use the global layer
+index), the embedding on the first stage, hc_head / norm / output layer / MTP / loss on the last
+stage (plus the duplicated MTP embedding kept in sync by `LanguageModule` through the embedding
+group). The mHC residual crosses stage boundaries folded into the batch dimension:
+[s, b, n, d] -> [s, b*n, d] (a free view), so Megatron's p2p shape (seq/cp [/tp], micro_batch,
+hidden) holds with micro_batch := micro_batch * hc_mult (`pipeline_micro_batch_size`). Every stage
+receives the micro-batch's token ids from the data (hash routing, MTP), so no stage depends on
+another for them.
+
+Context parallelism: inputs are this rank's contiguous slice (`dsv4_train/parallel/context.py`);
+the attention exchanges a halo and the compressed entries; MTP shifts tokens across the slice
+boundary and its loss is normalised by the CP-global token count (exact, unlike Megatron's
+zigzag-aware `roll_tensor`, which is wrong for contiguous slices).
 """
 
 from __future__ import annotations
@@ -22,25 +34,49 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer.enums import ModelType
-from megatron.core.transformer.multi_token_prediction import process_mtp_loss
+from megatron.core.transformer.multi_token_prediction import (
+    MTPLossAutoScaler,
+    MTPLossLoggingHelper,
+    _compute_mtp_acceptance_counts,
+)
 
 from dsv4_train.config.model import ModelConfig
 from dsv4_train.model.block import V4Block, rms_norm
 from dsv4_train.model.mhc import HyperHead
+from dsv4_train.model.module_list import ShardedModuleList  # keeps TP/EP sharding in checkpoints
 from dsv4_train.model.mtp import MTPLayer
+from dsv4_train.parallel import context as cp_context
+
+
+def pipeline_micro_batch_size(micro_batch_size: int, hc_mult: int) -> int:
+    """The micro-batch size to give Megatron's schedule: the hc_mult streams ride in the batch dim."""
+    return micro_batch_size * hc_mult
 
 
 class DSV4Model(LanguageModule):
-    def __init__(self, *, config, model_cfg: ModelConfig, pre_process: bool = True, post_process: bool = True):
+    def __init__(self, *, config, model_cfg: ModelConfig, pre_process: bool = True, post_process: bool = True,
+                 stage=None):
+        """stage: the `StageLayout` this chunk builds (required when pipeline-parallel); None builds
+        the whole model (pre_process / post_process must then be True)."""
         super().__init__(config=config)
-        if config.pipeline_model_parallel_size != 1 or not (pre_process and post_process):
-            raise NotImplementedError(
-                "DSV4Model does not support pipeline parallelism yet; set parallel.pp=1."
-            )
+        if stage is None:
+            if config.pipeline_model_parallel_size != 1 or not (pre_process and post_process):
+                raise ValueError(
+                    "DSV4Model with pipeline parallelism needs its stage: pass stage=derive(cfg).stage(pp_rank, "
+                    "vpp_stage) (dsv4_train.train.loop.build_model_chunks does this)."
+                )
+            decoder_layers = list(range(model_cfg.num_layers))
+            mtp_layers = list(range(model_cfg.mtp_num_layers))
+        else:
+            pre_process, post_process = stage.has_embedding, stage.has_loss
+            decoder_layers, mtp_layers = list(stage.decoder_layers), list(stage.mtp_layers)
+            assert not mtp_layers or post_process, "validate() keeps MTP layers on the loss stage"
+            if (self.vp_size or 1) > 1:
+                self.vp_stage = stage.vpp_stage  # read by LanguageModule's embedding-group logic
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         self.pre_process = pre_process
@@ -48,41 +84,47 @@ class DSV4Model(LanguageModule):
         self.share_embeddings_and_output_weights = False  # V4: untied (spec §1.1)
         self.vocab_size = model_cfg.vocab_size
         self.hc_mult = model_cfg.hc_mult
-        self.mtp_process = post_process and model_cfg.mtp_num_layers > 0
+        self.mtp_process = post_process and bool(mtp_layers)
         self.input_tensor = None
+        self.layer_indices = decoder_layers  # global index of each entry of self.layers
+        self.cp_halo = cp_context.halo_size(model_cfg)
 
-        self.embedding = LanguageModelEmbedding(
-            config=config,
-            vocab_size=model_cfg.vocab_size,
-            max_sequence_length=model_cfg.max_position_embeddings,
-            position_embedding_type="none",  # RoPE lives inside the attention
-            tp_group=self.pg_collection.tp,
+        if self.pre_process or self.mtp_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=model_cfg.vocab_size,
+                max_sequence_length=model_cfg.max_position_embeddings,
+                position_embedding_type="none",  # RoPE lives inside the attention
+                tp_group=self.pg_collection.tp,
+            )
+        # Checkpoint keys use the global layer index (a stage's layers are contiguous).
+        self.layers = ShardedModuleList(
+            (V4Block(config=config, model_cfg=model_cfg, layer_index=i) for i in decoder_layers),
+            key_offset=decoder_layers[0] if decoder_layers else 0,
         )
-        self.layers = torch.nn.ModuleList(
-            V4Block(config=config, model_cfg=model_cfg, layer_index=i) for i in range(model_cfg.num_layers)
-        )
-        self.hc_head = HyperHead(
-            config=config, hc_mult=model_cfg.hc_mult, hc_eps=model_cfg.hc_eps, norm_eps=model_cfg.rms_norm_eps
-        )
-        self.norm = rms_norm(config, model_cfg)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
-            config.hidden_size,
-            model_cfg.vocab_size,
-            config=config,
-            init_method=config.init_method,
-            bias=False,
-            skip_bias_add=False,
-            gather_output=False,
-            tp_group=self.pg_collection.tp,
-        )
+        if self.post_process:
+            self.hc_head = HyperHead(
+                config=config, hc_mult=model_cfg.hc_mult, hc_eps=model_cfg.hc_eps, norm_eps=model_cfg.rms_norm_eps
+            )
+            self.norm = rms_norm(config, model_cfg)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                model_cfg.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+                tp_group=self.pg_collection.tp,
+            )
         if self.mtp_process:
-            self.mtp = torch.nn.ModuleList(
-                MTPLayer(config=config, model_cfg=model_cfg, depth=k) for k in range(model_cfg.mtp_num_layers)
+            self.mtp = ShardedModuleList(
+                (MTPLayer(config=config, model_cfg=model_cfg, depth=k) for k in mtp_layers), key_offset=mtp_layers[0]
             )
         self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Called by Megatron's schedules every step; only meaningful with PP (not supported yet)."""
+        """Called by Megatron's schedules: the previous stage's streams folded to [s, b*n, d]."""
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0] if input_tensor else None
         self.input_tensor = input_tensor
@@ -116,12 +158,26 @@ class DSV4Model(LanguageModule):
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """input_ids / position_ids / labels / loss_mask: this CP rank's slice [b, s]. Every stage
+        gets input_ids (hash routing, MTP); a non-last stage returns its folded streams."""
         positions = self._attention_positions(position_ids)
+        batch, seq = input_ids.shape
+        cp = None
+        if self.cp_group is not None and self.cp_group.size() > 1:
+            if positions is None:
+                positions = torch.arange(seq, device=input_ids.device) + self.cp_group.rank() * seq
+            cp = cp_context.build_slice(positions, group=self.cp_group, halo=self.cp_halo)
         token_ids = input_ids.t()  # [s, b], the layout of the hidden states (hash routing)
-        embedded = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, d]
-        streams = embedded.unsqueeze(-2).expand(-1, -1, self.hc_mult, -1).contiguous()  # [s, b, n, d]
+        if self.pre_process:
+            embedded = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, d]
+            streams = embedded.unsqueeze(-2).expand(-1, -1, self.hc_mult, -1).contiguous()  # [s, b, n, d]
+        else:
+            received = self.input_tensor  # [s, b*n, d]
+            streams = received.view(received.shape[0], batch, self.hc_mult, received.shape[-1])
         for layer in self.layers:
-            streams = layer(streams, token_ids=token_ids, position_ids=positions)
+            streams = layer(streams, token_ids=token_ids, position_ids=positions, cp=cp)
+        if not self.post_process:
+            return streams.view(streams.shape[0], batch * self.hc_mult, streams.shape[-1])
         hidden = self.norm(self.hc_head(streams))  # [s, b, d]
 
         if labels is None:
@@ -129,34 +185,40 @@ class DSV4Model(LanguageModule):
             return logits.transpose(0, 1).contiguous()  # [b, s, V]
 
         if self.mtp_process:
-            hidden = self._attach_mtp_loss(hidden, streams, input_ids, positions, labels, loss_mask)
+            hidden = self._attach_mtp_loss(hidden, streams, input_ids, positions, labels, loss_mask, cp)
         logits, _ = self.output_layer(hidden)
         return self.compute_language_model_loss(labels, logits)  # [b, s]
 
-    def _attach_mtp_loss(self, hidden, streams, input_ids, positions, labels, loss_mask):
-        """Run the MTP depths and let Megatron's `process_mtp_loss` inject their loss into the
-        backward of `hidden` (returned unchanged in value)."""
-        mtp_hidden = []
-        mtp_streams, mtp_ids = streams, input_ids
-        for layer in self.mtp:
+    def _attach_mtp_loss(self, hidden, streams, input_ids, positions, labels, loss_mask, cp):
+        """Run the MTP depths and inject their loss into the backward of `hidden` (returned
+        unchanged in value) through Megatron's `MTPLossAutoScaler`; log it in Megatron's tracker.
+
+        Same loss as Megatron's `process_mtp_loss` (labels and mask shifted left once per depth,
+        weight mtp_loss_scaling_factor / depths, normalised by the shifted mask's token count), but
+        the shift crosses contiguous CP slices and the count is CP-global; each CP rank's share is
+        scaled by cp like the LM loss (see parallel/context.py).
+        """
+        group = cp.group if cp is not None else None
+        cp_size = cp.size if cp is not None else 1
+        num_depths = len(self.mtp)
+        weight = self.mtp_loss_weight / num_depths
+        mtp_streams, mtp_ids, mtp_labels = streams, input_ids, labels
+        mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        for depth, layer in enumerate(self.mtp):
             out, mtp_streams, mtp_ids = layer(
-                streams=mtp_streams,
-                input_ids=mtp_ids,
-                embedding=self.embedding,
-                position_ids=positions,
-                cp_group=self.cp_group,
+                streams=mtp_streams, input_ids=mtp_ids, embedding=self.embedding, position_ids=positions, cp=cp
             )
-            mtp_hidden.append(out)
-        return process_mtp_loss(
-            hidden_states=torch.cat([hidden] + mtp_hidden, dim=0),
-            labels=labels,
-            loss_mask=loss_mask,
-            output_layer=self.output_layer,
-            output_weight=None,
-            runtime_gather_output=None,
-            is_training=self.training,
-            compute_language_model_loss=self.compute_language_model_loss,
-            config=self.config,
-            cp_group=self.cp_group,
-            tp_group=self.tp_group,
-        )
+            logits, _ = self.output_layer(out)
+            mtp_labels = cp_context.roll_left(mtp_labels, group)
+            mask = cp_context.roll_left(mask, group)
+            local_sum = (self.compute_language_model_loss(mtp_labels, logits) * mask).sum()
+            count = cp_context.sum_over(mask.sum(), cp).clamp(min=1)
+            share = local_sum * cp_size / count
+            if self.training:
+                correct, total = _compute_mtp_acceptance_counts(logits, mtp_labels, mask, self.output_layer, None, self.tp_group)
+                MTPLossLoggingHelper.save_metrics_to_tracker(
+                    share.detach(), correct, total, depth, num_depths,
+                    avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+                )
+            hidden = MTPLossAutoScaler.apply(hidden, weight * share)
+        return hidden

@@ -53,7 +53,23 @@ class V4MoELayer(MoELayer):
         if self.hash_routed:
             if token_ids is None:
                 raise RuntimeError("hash-routed MoE layer called without token_ids")
-            self.router.set_token_ids(token_ids)
+            self.router.set_token_ids(self._split_like_hidden(token_ids, hidden_states))
         output, bias = super().forward(hidden_states)
         assert bias is None
         return output
+
+    def _split_like_hidden(self, token_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Token ids [s, b] -> this rank's sequence-parallel chunk [s/tp, b], the rows of `hidden_states`.
+
+        Under sequence parallelism the hidden states are split along the sequence over TP ranks
+        (Megatron's `scatter_to_sequence_parallel_region`: rank r holds rows [r*s/tp, (r+1)*s/tp));
+        the ids the model hands down cover the whole (CP-local) sequence, so they are split the same way.
+        """
+        if token_ids.shape[0] == hidden_states.shape[0]:
+            return token_ids
+        tp_group = self.attn_tp_group  # the group the hidden states are sequence-split over
+        rows = hidden_states.shape[0]
+        assert self.config.sequence_parallel and token_ids.shape[0] == rows * tp_group.size(), (
+            tuple(token_ids.shape), tuple(hidden_states.shape), tp_group.size())
+        rank = tp_group.rank()
+        return token_ids[rank * rows : (rank + 1) * rows]

@@ -245,6 +245,47 @@ def _moe_split_sizes_to_numpy() -> None:
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. Uneven first-dim all-gather / reduce-scatter: gloo has neither (expert TP > 1 with EP > 1).
+# ---------------------------------------------------------------------------------------------
+def _gloo_uneven_first_dim_collectives() -> None:
+    """The alltoall MoE dispatcher gathers a different number of tokens from each expert-TP rank
+    (`gather_from_sequence_parallel_region(..., output_split_sizes=...)`, reduce-scatter in
+    backward). NCCL takes per-rank tensors of different sizes; gloo raises `invalid tensor size`
+    (all_gather) or has no reduce_scatter. Same results by padding to the largest split and
+    all-gathering, and by all-reducing and keeping this rank's rows."""
+    from megatron.core.tensor_parallel import mappings
+
+    original_gather = mappings._gather_along_first_dim
+    original_reduce_scatter = mappings._reduce_scatter_along_first_dim
+    if getattr(original_gather, "_dsv4_cpu", False):
+        return
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original_gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes),) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(gathered, padded.contiguous(), group=group)
+        return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes)], dim=0)
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original_reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in input_split_sizes]
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].clone()
+
+    _gather_along_first_dim._dsv4_cpu = True
+    _reduce_scatter_along_first_dim._dsv4_cpu = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
 PATCHES: Dict[str, Callable[[], None]] = {
     "triton_stub": _stub_paged_stash_kernels,
     "cuda_api": _patch_cuda_api,
@@ -252,6 +293,7 @@ PATCHES: Dict[str, Callable[[], None]] = {
     "cpu_rng_tracker": _install_cpu_rng_tracker,
     "sequence_parallel_torch_norm": _allow_sequence_parallel_torch_norm,
     "moe_split_sizes_numpy": _moe_split_sizes_to_numpy,
+    "gloo_uneven_first_dim_collectives": _gloo_uneven_first_dim_collectives,
 }
 
 

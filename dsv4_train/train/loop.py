@@ -26,9 +26,14 @@ def checkpoint_root(cfg: Config) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
 
 
-def build_model_chunks(cfg: Config) -> List[torch.nn.Module]:
-    """The V4 model on this rank, wrapped in Megatron-Core DDP (one chunk per virtual stage)."""
+def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
+    """The V4 model on this rank, wrapped in Megatron-Core DDP: one chunk per virtual pipeline stage
+    of this pipeline rank, laid out by `derived.stages_of_rank` (explicit `parallel.pipeline_layout`
+    or the derived one)."""
+    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from dsv4_train.config.derive import derive
 
     from dsv4_train.model.builder import build_model
     from dsv4_train.model.transformer_config import build_transformer_config
@@ -46,23 +51,45 @@ def build_model_chunks(cfg: Config) -> List[torch.nn.Module]:
         precision=cfg.train.precision,
         moe_dispatcher=par.moe_dispatcher,
     )
-    model = build_model(model_cfg=cfg.model, transformer_config=transformer_config, pre_process=True, post_process=True)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
-    if cfg.train.precision == "bf16":
-        from megatron.core.transformer.module import Float16Module
-
-        model = Float16Module(transformer_config, model)
+    # Megatron-LM's default (batch_p2p_comm = not overlap_p2p_comm): with PP=2 interleaved, both
+    # neighbours are the same rank, and batched isend/irecv posted as [send_prev, recv_prev,
+    # send_next, recv_next] on both sides pairs a forward activation with a backward gradient of the
+    # same shape (measured on gloo: silently wrong losses). The unbatched path orders sends and
+    # receives by even/odd rank and uses two groups, so each message meets its own receive.
+    transformer_config.batch_p2p_comm = False
+    if par.pp == 1:
+        stages = [None]  # the whole model
+    else:
+        derived = derived or derive(cfg, world_size=torch.distributed.get_world_size())
+        stages = derived.stages_of_rank(parallel_state.get_pipeline_model_parallel_rank())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=par.distributed_optimizer,
         check_for_nan_in_grad=True,
     )
-    return [DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=model)]
+    chunks = []
+    for index, stage in enumerate(stages):
+        model = build_model(model_cfg=cfg.model, transformer_config=transformer_config, stage=stage)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if cfg.train.precision == "bf16":
+            # Megatron's mixed precision: bf16 params and activations, fp32 main params and Adam state
+            # in the optimizer, fp32 logits/loss. (The official V4 also keeps mHC/norm/sink params in
+            # fp32 during compute; Megatron's distributed optimizer needs one dtype per model here.)
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(transformer_config, model)
+        chunks.append(DistributedDataParallel(
+            config=transformer_config, ddp_config=ddp_config, module=model,
+            # Only the first chunk's buckets may overlap with the optimizer (Megatron convention).
+            disable_bucketing=index > 0,
+        ))
+    return chunks
 
 
 def _unwrap(chunk):
+    """The DSV4Model inside the DDP / Float16Module wrappers."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
@@ -76,27 +103,39 @@ def _set_mtp_weight(model_chunks, weight: float) -> None:
 
 
 def _collect_aux_metrics(num_microbatches: int) -> dict:
-    """Per-step auxiliary values: the MTP loss (Megatron's MTP tracker, averaged over micro-batches,
-    layers and data-parallel ranks) and our aux losses (indexer KL), made identical on every rank."""
+    """Per-step auxiliary values, identical on every rank: the MTP loss (Megatron's MTP tracker,
+    averaged over micro-batches, depths and DP x CP ranks) and our aux losses (indexer KL), pooled
+    as sum / count over every rank that recorded them.
+
+    Only some ranks hold a value (MTP on the last pipeline stage; a stage may hold no CSA layer), so
+    the union of names is agreed first and then ONE all-reduce carries every (sum, count): no rank
+    waits on a reduction another rank skips. Under CP an aux-loss record is the rank's share (the
+    CP sum is the loss), hence the factor cp.
+    """
+    from megatron.core import parallel_state
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     from dsv4_train.model import aux_losses
 
-    values = {}
+    pooled = {}  # name -> [sum, count] on this rank
     tracker = MTPLossLoggingHelper.tracker
-    if "loss_values" in tracker:
+    if "loss_values" in tracker and tracker.get("avg_group") is not None:
         MTPLossLoggingHelper.reduce_metrics_in_tracker()
         per_layer = tracker["loss_values"].detach().float().cpu()
-        values["mtp_loss"] = float(per_layer.sum()) / num_microbatches / max(len(per_layer), 1)
+        pooled["mtp_loss"] = [float(per_layer.sum()) / num_microbatches / max(len(per_layer), 1), 1.0]
         MTPLossLoggingHelper.clean_metrics_in_tracker()
-    values.update(aux_losses.drain())
-    # Only the ranks that computed a value hold it (e.g. the last pipeline stage): share it.
-    for name in sorted(values):
-        tensor = torch.tensor([values[name]], dtype=torch.float64)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        values[name] = tensor.item()
-    return values
+    counts = aux_losses.pending()
+    cp = parallel_state.get_context_parallel_world_size()
+    for name, mean in aux_losses.drain().items():
+        pooled[name] = [mean * counts[name] * cp, float(counts[name])]
+    if not torch.distributed.is_initialized():
+        return {name: s / c for name, (s, c) in pooled.items()}
+    everyone = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, sorted(pooled))
+    names = sorted(set().union(*everyone))
+    totals = torch.tensor([pooled.get(n, [0.0, 0.0]) for n in names], dtype=torch.float64).reshape(-1, 2)
+    torch.distributed.all_reduce(totals)
+    return {n: float(s / max(c, 1.0)) for n, (s, c) in zip(names, totals.tolist())}
 
 
 def _read_marker(path: str) -> dict:
@@ -142,7 +181,7 @@ def run_training(cfg: Config, derived) -> int:
         consumed_samples=start.consumed_samples,
     )
 
-    model_chunks = build_model_chunks(cfg)
+    model_chunks = build_model_chunks(cfg, derived)
     optimizer, scheduler = build_optimizer(model_chunks, cfg=cfg)
     wire_model_config(model_chunks, optimizer)
     if load_path is not None:
@@ -194,6 +233,7 @@ def run_training(cfg: Config, derived) -> int:
                 num_microbatches=derived.num_microbatches,
                 seq_length=train_cfg.seq_length,
                 micro_batch_size=train_cfg.micro_batch_size,
+                hc_mult=cfg.model.hc_mult,
                 drain_aux_losses=lambda: _collect_aux_metrics(derived.num_microbatches),
             )
             step_time = time.monotonic() - t0

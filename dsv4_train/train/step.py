@@ -4,10 +4,18 @@ The schedule runs every micro-batch (and the pipeline when PP > 1); `finalize_mo
 the TransformerConfig by `wire_model_config`) reduces gradients over DP/TP/CP, all-reduces
 embedding grads between stages and applies the noaux_tc expert-bias update; then the optimizer
 clips and steps, and the LR scheduler advances.
+
+Pipeline parallel: the schedule calls `forward_step` on every stage and every model chunk; each
+chunk reads the micro-batch from its own copy of the data stream (`itertools.tee`), so every stage
+has the token ids (hash routing, MTP) and the last has labels; non-first stages take their streams
+from `set_input_tensor`. The schedule's p2p shape is (seq/cp [/tp], micro_batch * hc_mult, hidden):
+the mHC streams ride in the batch dimension (see model.py).
+Context parallel: each CP rank feeds its contiguous slice of the micro-batch (parallel/context.py).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, Iterator, List
@@ -25,29 +33,40 @@ class StepResult:
     aux: Dict[str, float]
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp_group=None):
     """Megatron 3-tuple convention: (sum of masked token losses, token count, values to report).
 
     The schedule divides the sum by the token count and the number of micro-batches, so the
-    gradient is that of the mean token loss of the global batch.
+    gradient is that of the mean token loss of the global batch. Under context parallelism the
+    count is the micro-batch's CP-global count and the sum is scaled by cp: DDP averages gradients
+    over CP, so the ranks' shares add up to the global mean exactly (megatron_core_cpu.md #23).
+    The report holds the unscaled local (sum, count): summed over ranks they give the global mean.
     """
+    from dsv4_train.parallel.context import sum_over_group
+
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
     loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach().clone(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm_loss": report}
+    cp_size = cp_group.size() if cp_group is not None else 1
+    num_tokens = sum_over_group(mask.sum(), cp_group).to(torch.int)
+    return loss_sum * cp_size, num_tokens, {"lm_loss": report}
 
 
 def forward_step(data_iterator: Iterator, model: torch.nn.Module):
-    batch = next(data_iterator)
+    from megatron.core import parallel_state
+
+    from dsv4_train.parallel.context import slice_batch
+
+    cp_group = parallel_state.get_context_parallel_group()
+    batch = slice_batch(next(data_iterator), rank=cp_group.rank(), size=cp_group.size())
     device = _module_device(model)
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     output = model(tokens, position_ids, labels=labels, loss_mask=loss_mask)
-    return output, partial(loss_func, loss_mask)
+    return output, partial(loss_func, loss_mask, cp_group=cp_group if cp_group.size() > 1 else None)
 
 
 def _module_device(model: torch.nn.Module) -> torch.device:
@@ -77,22 +96,27 @@ def train_step(
     num_microbatches: int,
     seq_length: int,
     micro_batch_size: int,
+    hc_mult: int = 1,
     drain_aux_losses,
 ) -> StepResult:
+    """hc_mult: the model's mHC stream count (the pipeline p2p carries streams in the batch dim)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dsv4_train.model.model import pipeline_micro_batch_size
 
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     forward_backward = get_forward_backward_func()
-    iterators = data_iterator if len(model_chunks) == 1 else [data_iterator] * len(model_chunks)
+    # One copy of the micro-batch stream per chunk: every virtual stage reads every micro-batch.
+    iterators = data_iterator if len(model_chunks) == 1 else list(itertools.tee(data_iterator, len(model_chunks)))
     outputs = forward_backward(
         forward_step_func=forward_step,
         data_iterator=iterators,
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=num_microbatches,
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=pipeline_micro_batch_size(micro_batch_size, hc_mult),  # folded streams (model.py)
         forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
