@@ -271,6 +271,11 @@ def check_train(cfg, problems: List[str]) -> None:
         _positive(problems, f"train.{name}", getattr(t, name))
     _one_of(problems, "train.precision", t.precision, PRECISIONS)
     _one_of(problems, "train.recompute", t.recompute, RECOMPUTE_MODES)
+    if t.recompute == "selective":
+        problems.append(
+            "train.recompute=selective is accepted by the memory plan but not implemented in training yet; "
+            "use train.recompute=full (every V4 block recomputed from its input streams) or none."
+        )
     if t.micro_batch_size > 0 and t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "

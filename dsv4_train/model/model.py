@@ -174,8 +174,18 @@ class DSV4Model(LanguageModule):
         else:
             received = self.input_tensor  # [s, b*n, d]
             streams = received.view(received.shape[0], batch, self.hc_mult, received.shape[-1])
+        recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            streams = layer(streams, token_ids=token_ids, position_ids=positions, cp=cp)
+            if recompute:
+                # Full activation recompute: keep only each block's input streams; the block runs
+                # again in backward (Megatron's checkpoint, RNG-tracker aware; the router counts tokens
+                # for the expert-bias update only in the grad-enabled recompute, so once).
+                streams = tensor_parallel.checkpoint(
+                    lambda s, t, p, layer=layer: layer(s, token_ids=t, position_ids=p, cp=cp),
+                    False, streams, token_ids, positions,
+                )
+            else:
+                streams = layer(streams, token_ids=token_ids, position_ids=positions, cp=cp)
         if not self.post_process:
             return streams.view(streams.shape[0], batch * self.hc_mult, streams.shape[-1])
         hidden = self.norm(self.hc_head(streams))  # [s, b, d]

@@ -57,6 +57,8 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
     # same shape (measured on gloo: silently wrong losses). The unbatched path orders sends and
     # receives by even/odd rank and uses two groups, so each message meets its own receive.
     transformer_config.batch_p2p_comm = False
+    if cfg.train.recompute == "full":
+        transformer_config.recompute_granularity = "full"  # read by DSV4Model.forward
     if par.pp == 1:
         stages = [None]  # the whole model
     else:
