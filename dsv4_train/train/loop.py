@@ -253,6 +253,7 @@ def run_training(cfg: Config, derived) -> int:
                 "tokens_per_sec": global_tokens / max(step_time, 1e-9),
                 "step_time_s": step_time,
                 "consumed_samples": state.consumed_samples,
+                "mtp_loss_weight": state.mtp_loss_weight,
             }
             for name, value in result.aux.items():
                 metrics.setdefault(name, value)

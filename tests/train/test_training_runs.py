@@ -35,6 +35,8 @@ def test_tiny_pretrain_trains_and_writes_run_dir(tmp_path):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "logs" / "rank_0.log").is_file()
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert "step     12/12" in proc.stdout and "ETA" in proc.stdout
+    # MTP loss weight: 0.3 until the LR starts decaying (after the 2 warm-up steps), then 0.1.
+    assert [r["mtp_loss_weight"] for r in rows[:3]] == [0.3, 0.3, 0.1]
 
 
 @pytest.mark.slow
