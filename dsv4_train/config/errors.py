@@ -210,12 +210,19 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
     if args.config_path or args.config_name or args.config_dir:
         return  # a different primary config: leave it all to Hydra
     # The launched world: torchrun's WORLD_SIZE, srun's SLURM_NTASKS, else a single process.
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    from dsv4_train.launch.env import discover
+
+    world = discover().world_size
+    # A sweep handed to another launcher (e.g. Slurm) runs on other machines: that launcher checks
+    # each point against its own world size.
+    remote_sweep = args.multirun and any(
+        o.startswith("hydra/launcher=") and o.split("=", 1)[1] != "basic" for o in args.overrides
+    )
     for overrides in override_sets(args.overrides, multirun=args.multirun, config_dir=load.CONFIG_DIR):
         typed = load.to_typed(load.compose_dict(overrides))
         if not args.cfg:  # --cfg only prints; do not refuse to show an invalid config
             # A plan made on one process describes the layout's own world (parallel.world_size).
-            plan_world = None if (typed.run.plan_only and world == 1) else world
+            plan_world = None if ((typed.run.plan_only and world == 1) or remote_sweep) else world
             validate(typed, world_size=plan_world)
             if extra_check is not None:
                 extra_check(typed)

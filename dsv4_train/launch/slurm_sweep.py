@@ -1,6 +1,8 @@
 """Hydra sweeps on Slurm: hydra-submitit-launcher's SlurmLauncher, checked before it submits.
 
-Selected with `hydra/launcher=dsv4_slurm` (conf/hydra/launcher/dsv4_slurm.yaml). Each sweep point
+Selected with `hydra/launcher=dsv4_slurm` (conf/hydra/launcher/dsv4_slurm.yaml), whose target is
+`hydra_plugins.dsv4_slurm_launcher.CheckedSlurmLauncher` (Hydra instantiates launchers only from the
+`hydra_plugins` namespace; that class is this module's `CheckedSlurmLauncherBase`). Each sweep point
 becomes one Slurm job of `nodes` x `tasks_per_node` tasks (one per GPU); submitit runs the Hydra job
 once per task and `dsv4_train/launch/env.py` finds the rank from SLURM_*. Before anything is
 submitted, every sweep point's config is validated for that world size, so a layout that does not
@@ -16,9 +18,13 @@ whose run.dir is the same sweep subdirectory, so it resumes from its checkpoint.
 
 from __future__ import annotations
 
+import copy
+import sys
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
+from omegaconf import open_dict
+
+EXIT_LAUNCH_ERROR = 2
 
 try:
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SlurmLauncher
@@ -41,7 +47,9 @@ def check_sweep_world_size(job_configs: Sequence[Any], *, nodes: int, tasks_per_
 
     world_size = nodes * tasks_per_node
     for index, job_cfg in enumerate(job_configs):
-        cfg = OmegaConf.masked_copy(job_cfg, [k for k in job_cfg.keys() if k != "hydra"])
+        cfg = copy.deepcopy(job_cfg)  # keeps the structured type that to_typed() needs
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
         try:
             validate(to_typed(cfg), world_size=world_size)
         except ValueError as exc:
@@ -52,7 +60,7 @@ def check_sweep_world_size(job_configs: Sequence[Any], *, nodes: int, tasks_per_
             ) from None
 
 
-class CheckedSlurmLauncher(_SlurmLauncher):  # type: ignore[misc,valid-type]
+class CheckedSlurmLauncherBase(_SlurmLauncher):  # type: ignore[misc,valid-type]
     """SlurmLauncher that validates every sweep point for the job's world size before submitting."""
 
     def __new__(cls, **params: Any):
@@ -76,7 +84,11 @@ class CheckedSlurmLauncher(_SlurmLauncher):  # type: ignore[misc,valid-type]
         assert self.config is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
         configs = [loader.load_sweep_config(self.config, list(overrides)) for overrides in job_overrides]
-        check_sweep_world_size(
-            configs, nodes=int(self.params["nodes"]), tasks_per_node=int(self.params["tasks_per_node"])
-        )
+        try:
+            check_sweep_world_size(
+                configs, nodes=int(self.params["nodes"]), tasks_per_node=int(self.params["tasks_per_node"])
+            )
+        except ValueError as exc:  # one message and exit 2, not Hydra's traceback report
+            print(f"dsv4-train: launch error: {exc}", file=sys.stderr)
+            raise SystemExit(EXIT_LAUNCH_ERROR) from None
         return super().launch(job_overrides, initial_job_idx)

@@ -260,10 +260,11 @@ def run_training(cfg: Config, derived) -> int:
             sink.log(metrics, print_line=(step % train_cfg.log_interval == 0 or step == train_cfg.max_steps))
 
             interval = cfg.checkpoint.save_interval
-            if interval and step % interval == 0 and step != train_cfg.max_steps:
+            stopping = watcher.should_stop()
+            if interval and step % interval == 0 and step != train_cfg.max_steps and not stopping:
                 save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
                                 state=state, keep_last=cfg.checkpoint.keep_last)
-            if watcher.should_stop():
+            if stopping:
                 if runtime.is_main:
                     print(f"preemption requested: saving at step {step} and exiting with {EXIT_PREEMPTED}", flush=True)
                 save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,

@@ -14,6 +14,7 @@ import time
 from typing import Dict, Optional
 
 from dsv4_train.config.schema import LoggingConfig
+from dsv4_train.launch.sweep import wandb_group
 
 
 def format_duration(seconds: float) -> str:
@@ -57,7 +58,7 @@ class MetricsSink:
 
             self._wandb_run = wandb.init(
                 project=logging_cfg.wandb_project,
-                group=logging_cfg.wandb_group,
+                group=wandb_group(logging_cfg.wandb_group),  # a sweep's runs share one group
                 mode=logging_cfg.wandb_mode,
                 dir=run_dir,
                 config=config_dict,

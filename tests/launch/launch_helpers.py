@@ -71,6 +71,24 @@ def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, proc=N
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts workers in new sessions,
+    so killing a process group is not enough), as a node crash would."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    tree = root.children(recursive=True) + [root]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+
+
 def describe(proc) -> str:
     out = proc.stdout if isinstance(proc.stdout, str) else ""
     err = proc.stderr if isinstance(proc.stderr, str) else ""

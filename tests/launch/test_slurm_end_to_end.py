@@ -11,7 +11,6 @@ the same layout are otherwise bit-reproducible on CPU).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from pathlib import Path
@@ -26,6 +25,7 @@ from tests.launch.launch_helpers import (
     calls,
     describe,
     jobs,
+    kill_tree,
     metrics_steps,
     run_script,
     slurm_env,
@@ -77,9 +77,9 @@ def test_slurm_template_runs_two_nodes(reference):
     assert len(step["pgids"]) == 2 and step["rcs"] == [0, 0], "two nodes, one process group each"
     assert metrics_steps(run_dir) == list(range(1, MAX_STEPS + 1))
     logs = run_dir / "logs" / f"slurm-{job['id']}"
-    rank0, rank1 = (logs / "rank_0.out").read_text(), (logs / "rank_1.out").read_text()
+    rank0 = (logs / "rank_0.out").read_text()
     assert "2 process(es)" in rank0, rank0[-2000:]
-    assert rank1.strip(), "rank 1 has its own log"
+    assert (logs / "rank_1.out").is_file() and (run_dir / "logs" / "rank_1.log").is_file(), "per-rank logs"
     record = run_dir / "launch" / f"job-{job['id']}.attempt-0"
     assert "commit:" in (record / "code_version.txt").read_text() or "not a git checkout" in (
         record / "code_version.txt").read_text()
@@ -103,8 +103,7 @@ def test_slurm_preemption_saves_requeues_and_resumes(reference, tmp_path):
         subprocess.run(["scancel", "--signal=USR2", job["id"]], env=_submit_env(state, run_dir), check=True)
         proc.communicate(timeout=400)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_tree(proc.pid)  # no-op when it has exited
     assert proc.returncode == 0, describe(proc)
     (job,) = jobs(state)
     assert [a["rc"] for a in job["attempts"]] == [EXIT_PREEMPTED, 0], job
@@ -135,8 +134,7 @@ def test_torchrun_stop_signal_exits_75_and_the_same_command_resumes(reference, t
         proc.send_signal(signal.SIGTERM)  # to the launcher script only, as `kill <pid>` would
         proc.communicate(timeout=300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_tree(proc.pid)  # no-op when it has exited
     assert proc.returncode == EXIT_PREEMPTED, describe(proc)
     saved = max(metrics_steps(run_dir))
     assert last_before <= saved <= last_before + 2, (last_before, saved)
@@ -157,17 +155,13 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     command = ["bash", str(TORCHRUN), *TRAIN, "checkpoint.save_interval=1", "checkpoint.keep_last=10"]
     partial = []
     for _attempt in range(5):  # a save can finish between seeing .partial and the kill: try again
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for(lambda: any(ckpt.glob("step_*/dsv4_complete.json"))
                      and any(p.name.endswith(".partial") for p in ckpt.glob("step_*")),
                      timeout=240, what="a save in progress after a complete one", proc=proc)
-            os.killpg(proc.pid, signal.SIGKILL)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc.pid)  # SIGKILL to the script, torchrun and every worker at once
         partial = sorted(p.name for p in ckpt.glob("step_*.partial"))
         if partial:
             break

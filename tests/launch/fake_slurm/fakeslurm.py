@@ -17,6 +17,10 @@ cluster sets:
   highest task exit code.
 - `scontrol show hostnames <list>` expands `prefix[a-b,c]` lists; `scontrol requeue <id>` marks the
   job for a rerun.
+- `sacct -o JobID,State,NodeList --parsable2 -j <ids>` reports the recorded states (submitit polls it);
+  `sbatch --array=a-b` runs each array task as its own job, one after another. With
+  FAKE_SLURM_BACKGROUND=1, sbatch returns at once and runs the job(s) in a detached process (as
+  submitit expects: it writes the job's pickles after sbatch returns).
 - `scancel [--signal=SIG] <id>` signals every task of the job's running steps (what Slurm does for
   `--signal=SIG@secs` without `B:`); without --signal it terminates them and the batch shell.
 
@@ -116,7 +120,11 @@ def parse_options(argv: List[str]) -> Tuple[Dict[str, str], List[str]]:
             break
         name, eq, value = arg.partition("=")
         if name not in _OPTIONS:
-            sys.exit(f"fake slurm: unsupported option {arg!r} (add it to tests/launch/fake_slurm)")
+            if not name.startswith("--"):
+                sys.exit(f"fake slurm: unsupported option {arg!r} (add it to tests/launch/fake_slurm)")
+            opts[name[2:].replace("-", "_")] = value if eq else "1"  # recorded, otherwise ignored
+            i += 1
+            continue
         key, takes_value = _OPTIONS[name]
         if takes_value:
             if not eq:
@@ -140,8 +148,8 @@ def sbatch_header(script: Path) -> List[str]:
 
 
 def expand_pattern(pattern: str, *, job_id: str, job_name: str = "", task: int = 0, node: int = 0,
-                   nodename: str = "", step: str = "0") -> str:
-    return (pattern.replace("%j", job_id).replace("%x", job_name).replace("%t", str(task))
+                   nodename: str = "", step: str = "0", array_job: str = "", array_task: str = "") -> str:
+    return (pattern.replace("%A", array_job or job_id).replace("%a", array_task or "0").replace("%j", job_id).replace("%x", job_name).replace("%t", str(task))
             .replace("%n", str(node)).replace("%N", nodename).replace("%s", step).replace("%%", "%"))
 
 
@@ -182,16 +190,41 @@ def sbatch_main(argv: List[str]) -> int:
     script = Path(rest[0])
     header_opts, _ = parse_options(sbatch_header(script))
     opts = {**header_opts, **cli_opts}
-    job_id = new_job_id()
+    main_id = new_job_id()
+    if "array" in opts:  # each array task is its own job (own SLURM_JOB_ID)
+        indices: List[int] = []
+        for part in opts["array"].split("%")[0].split(","):
+            lo, _, hi = part.partition("-")
+            indices.extend(range(int(lo), int(hi or lo) + 1))
+        tasks = [(main_id if n == 0 else new_job_id(), {"SLURM_ARRAY_JOB_ID": main_id, "SLURM_ARRAY_TASK_ID": str(i)})
+                 for n, i in enumerate(indices)]
+    else:
+        tasks = [(main_id, {})]
+    for job_id, extra in tasks:
+        name = f"{extra['SLURM_ARRAY_JOB_ID']}_{extra['SLURM_ARRAY_TASK_ID']}" if extra else job_id
+        save_job(job_id, {"id": job_id, "name": name, "state": "PENDING"})
+    print(main_id if "parsable" in opts else f"Submitted batch job {main_id}", flush=True)
+    if os.environ.get("FAKE_SLURM_BACKGROUND") == "1" and os.fork() != 0:
+        return 0  # like a real sbatch: return at once; the forked child runs the job(s)
+    if os.environ.get("FAKE_SLURM_BACKGROUND") == "1":
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)  # release the caller's pipes
+    for job_id, extra in tasks:  # one after another
+        run_batch_job(job_id, script, rest[1:], opts, extra)
+    return 0
+
+
+def run_batch_job(job_id: str, script: Path, args: List[str], opts: Dict[str, str], extra_env: Dict[str, str]):
     nodes = int(opts.get("nodes", "1"))
     per_node = int(opts.get("ntasks_per_node") or (int(opts["ntasks"]) // nodes if "ntasks" in opts else 1))
     job_name = opts.get("job_name", script.name)
     nodelist = loopback_nodelist(nodes)
-    job = {"id": job_id, "script": str(script), "args": rest[1:], "opts": opts, "attempts": [],
+    array_name = f"{extra_env['SLURM_ARRAY_JOB_ID']}_{extra_env['SLURM_ARRAY_TASK_ID']}" if extra_env else job_id
+    job = {"id": job_id, "name": array_name, "script": str(script), "args": args, "opts": opts, "attempts": [],
            "state": "RUNNING"}
     save_job(job_id, job)
-    print(job_id if "parsable" in opts else f"Submitted batch job {job_id}", flush=True)
-
     env = dict(os.environ)
     env.update({
         "SLURM_JOB_ID": job_id, "SLURM_JOBID": job_id, "SLURM_JOB_NAME": job_name,
@@ -202,6 +235,7 @@ def sbatch_main(argv: List[str]) -> int:
         "SLURM_SUBMIT_DIR": os.getcwd(), "SLURM_SUBMIT_HOST": "127.0.0.1",
         "SLURMD_NODENAME": expand_hostlist(nodelist)[0], "SLURM_NODEID": "0", "SLURM_PROCID": "0",
         "SLURM_LOCALID": "0", "SLURM_CLUSTER_NAME": "fake", "SLURM_JOB_PARTITION": opts.get("partition", "fake"),
+        **extra_env,
     })
     if "gpus_per_node" in opts:
         env["SLURM_GPUS_PER_NODE"] = opts["gpus_per_node"]
@@ -212,11 +246,13 @@ def sbatch_main(argv: List[str]) -> int:
     while True:
         if restart:
             env["SLURM_RESTART_COUNT"] = str(restart)
-        output = expand_pattern(opts.get("output", "slurm-%j.out"), job_id=job_id, job_name=job_name)
+        output = expand_pattern(opts.get("output", "slurm-%j.out"), job_id=job_id, job_name=job_name,
+                                array_job=extra_env.get("SLURM_ARRAY_JOB_ID", ""),
+                                array_task=extra_env.get("SLURM_ARRAY_TASK_ID", ""))
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         mode = "a" if restart or opts.get("open_mode") == "append" else "w"
         with open(output, mode) as out:
-            proc = subprocess.Popen(["bash", str(script), *rest[1:]], env=env, stdout=out,
+            proc = subprocess.Popen(["bash", str(script), *args], env=env, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             job = load_job(job_id)
             job["batch_pgid"] = proc.pid
@@ -230,9 +266,23 @@ def sbatch_main(argv: List[str]) -> int:
             save_job(job_id, job)
             restart += 1
             continue
-        job["state"] = "COMPLETED" if rc == 0 else job.get("state") if job.get("state") == "CANCELLED" else "FAILED"
+        if job.get("state") != "CANCELLED":
+            job["state"] = "COMPLETED" if rc == 0 else "FAILED"
         save_job(job_id, job)
-        return 0
+        return
+
+
+def sacct_main(argv: List[str]) -> int:
+    """`sacct -o JobID,State,NodeList --parsable2 -j <ids>` as submitit asks it."""
+    record("sacct", argv)
+    wanted = argv[argv.index("-j") + 1].split(",") if "-j" in argv else []
+    print("JobID|State|NodeList")
+    for path in sorted((state_dir() / "jobs").glob("*.json")):
+        job = json.loads(path.read_text())
+        name = job.get("name", job["id"])
+        if not wanted or name in wanted or job["id"] in wanted or name.split("_")[0] in wanted:
+            print(f"{name}|{job.get('state', 'PENDING')}|127.0.0.1")
+    return 0
 
 
 # ---------------------------------------------------------------- srun
@@ -276,7 +326,9 @@ def srun_main(argv: List[str]) -> int:
                 "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})", "SLURM_NTASKS_PER_NODE": str(per_node),
             })
             pattern = dict(job_id=job_id, job_name=os.environ.get("SLURM_JOB_NAME", ""), task=rank,
-                           node=node, nodename=hosts[node], step=str(step))
+                           node=node, nodename=hosts[node], step=str(step),
+                           array_job=os.environ.get("SLURM_ARRAY_JOB_ID", ""),
+                           array_task=os.environ.get("SLURM_ARRAY_TASK_ID", ""))
             stdout = stderr = None
             if "output" in opts:
                 path = Path(expand_pattern(opts["output"], **pattern))
@@ -382,7 +434,8 @@ def scancel_main(argv: List[str]) -> int:
     return 0
 
 
-TOOLS = {"sbatch": sbatch_main, "srun": srun_main, "scontrol": scontrol_main, "scancel": scancel_main}
+TOOLS = {"sbatch": sbatch_main, "srun": srun_main, "scontrol": scontrol_main, "scancel": scancel_main,
+         "sacct": sacct_main}
 
 
 def main() -> None:
