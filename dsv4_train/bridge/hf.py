@@ -353,6 +353,22 @@ def _ensure_runtime(seed: int) -> None:
     from megatron.core import parallel_state
 
     if torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized():
+        # The import maps checkpoint tensors 1:1 onto this process's parameters (expert e is local
+        # expert e, no TP split), which only holds for a process that owns the whole model.
+        sizes = {
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "ep": parallel_state.get_expert_model_parallel_world_size(),
+            "cp": parallel_state.get_context_parallel_world_size(),
+        }
+        split = {name: size for name, size in sizes.items() if size > 1}
+        if split:
+            raise ValueError(
+                f"load_hf builds a whole, single-process model but this process holds a parallel layout "
+                f"{split}; import the HF checkpoint in one process, save it as a dsv4-train checkpoint "
+                "(dsv4_train.checkpoint.io.save_checkpoint), and load that in the parallel layout "
+                "(checkpoint.load=<dir> checkpoint.load_model_only=true), which reshards TP/EP/PP/CP."
+            )
         return
     from dsv4_train.runtime.distributed import init_single_process_for_tools
 

@@ -13,8 +13,17 @@ directory, and replaces `latest` (write to a temp file + os.replace). A crash at
 the previous checkpoint loadable, and `latest` never names a directory that is not complete.
 
 Megatron-Core 0.19.2's DistributedOptimizer on the torch.optim fallback path has three resume bugs
-(`megatron_core_cpu.md` #31); `_prepare_optimizer_for_load` and `_unshare_adam_step_tensors` below
-are our fixes, applied on every device.
+(`megatron_core_cpu.md` #31); `_prepare_optimizer_for_load` and `_set_adam_step` below are our
+fixes, applied on every device.
+
+Optimizer state is saved in a layout-independent per-parameter form (`OPTIMIZER_LAYOUT`): one
+sharded tensor per (state, parameter), e.g. `optimizer.state.exp_avg.layers.3.attn.wq_b.weight`,
+taken from each sub-optimizer's `fully_reshardable` state and merged into ONE flat dict, plus the
+single Adam step count. Megatron's own `ChainedOptimizer` format prefixes keys with the index of the
+sub-optimizer (`chained_1.`), and the number of sub-optimizers depends on the layout (one with EP=1,
+dense + expert with EP>1), so its checkpoints do not load across EP=1 <-> EP>1
+(`megatron_core_cpu.md` #32). At load, each sub-optimizer of the new layout asks for its own
+parameters by these keys; hyper-parameters come from the run's config and the scheduler state.
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ import torch
 COMPLETE_MARKER = "dsv4_complete.json"
 LATEST_FILE = "latest"
 PARTIAL_SUFFIX = ".partial"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-parameter optimizer state (OPTIMIZER_LAYOUT); 1: Megatron's chained format
+OPTIMIZER_LAYOUT = "per_param_v1"
+_DISTOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 class CheckpointNotFoundError(ValueError):
@@ -113,7 +124,8 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *, is_loading: bool):
+def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *, is_loading: bool,
+                        legacy_optimizer_format: bool = False):
     from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401 (kept for clarity)
 
     sharded = {}
@@ -126,9 +138,12 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
     if optimizer is not None:
         if is_loading:
             _prepare_optimizer_for_load(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sharded, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-        )
+        if legacy_optimizer_format:
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                model_sharded, is_loading=is_loading, metadata=dict(_DISTOPT_METADATA)
+            )
+        else:
+            sharded["optimizer"] = _per_param_optimizer_state(optimizer, model_sharded, is_loading=is_loading)
     if scheduler is not None:
         sharded["scheduler"] = scheduler.state_dict()
     sharded["train_state"] = {
@@ -196,19 +211,28 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     model_only = model_only or weights_only(path)
     if model_only:
         optimizer = scheduler = None
-    sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), is_loading=True)
+    legacy = optimizer is not None and _saved_optimizer_layout(path) != OPTIMIZER_LAYOUT
+    sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), is_loading=True,
+                                  legacy_optimizer_format=legacy)
     if model_only:
         sharded = {key: value for key, value in sharded.items() if key.startswith("model")}
+    # Where each loaded optimizer tensor goes back (not part of the request: its leaves are in "tensors").
+    templates = request_tensors = None
+    if optimizer is not None and not legacy:
+        templates = sharded["optimizer"].pop("_templates")
+        request_tensors = dict(sharded["optimizer"]["tensors"])  # load() may replace entries in place
     loaded = dist_checkpointing.load(sharded, path)
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if model_only:
         return TrainState()
-    if optimizer is not None:
+    if optimizer is not None and legacy:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_step_tensors(optimizer)
+    elif optimizer is not None:
+        _load_per_param_optimizer_state(optimizer, templates, request_tensors, loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     train_state = loaded["train_state"]
@@ -263,6 +287,121 @@ def _unshare_adam_step_tensors(optimizer) -> None:
             step = param_state.get("step")
             if torch.is_tensor(step):
                 param_state["step"] = step.detach().clone()
+
+
+# --- layout-independent optimizer state ------------------------------------------------------
+def _sharded_leaves(tree):
+    """Every ShardedTensor / ShardedTensorFactory / ShardedObject in a nested dict / list."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(tree, ShardedBase):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _sharded_leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _sharded_leaves(value)
+
+
+def _replace_sharded_leaves(tree, loaded_by_leaf: dict):
+    """`tree` with each sharded leaf replaced by `loaded_by_leaf[id(leaf)]`, local objects unwrapped."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(tree, ShardedBase):
+        return loaded_by_leaf[id(tree)]
+    if isinstance(tree, LocalNonpersistentObject):
+        return tree.unwrap()
+    if isinstance(tree, dict):
+        return {k: _replace_sharded_leaves(v, loaded_by_leaf) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_replace_sharded_leaves(v, loaded_by_leaf) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_replace_sharded_leaves(v, loaded_by_leaf) for v in tree)
+    return tree
+
+
+def _per_param_optimizer_state(optimizer, model_sharded, *, is_loading: bool) -> dict:
+    """{"layout", "step", "tensors": {slot: sharded leaf}} over all sub-optimizers (see module doc).
+
+    Only the leaves' own checkpoint keys (`leaf.key` + offsets, layout-independent) decide what is
+    saved and loaded; the slot names just keep this rank's leaves apart in one flat dict (the local
+    experts of one MoE layer are several shards of the same key). When loading, each
+    sub-optimizer's own sharded state dict is kept (not saved) under "_templates": it knows where
+    each loaded tensor goes back."""
+    templates = [
+        sub.sharded_state_dict(model_sharded, is_loading=is_loading, metadata=dict(_DISTOPT_METADATA))
+        for sub in _sub_optimizers(optimizer)
+    ]
+    tensors = {}
+    for template in templates:
+        for leaf in _sharded_leaves(template):
+            tensors[f"{len(tensors):06d}:{leaf.key}"] = leaf
+    state = {"layout": OPTIMIZER_LAYOUT, "step": None if is_loading else _adam_step(optimizer), "tensors": tensors}
+    if is_loading:
+        state["_templates"] = templates
+    return state
+
+
+def _load_per_param_optimizer_state(optimizer, templates: list, request_tensors: dict, loaded: dict) -> None:
+    step = loaded["step"]
+    loaded_by_leaf = {id(leaf): loaded["tensors"][slot] for slot, leaf in request_tensors.items()}
+    with torch.no_grad():
+        for sub, template in zip(_sub_optimizers(optimizer), templates):
+            state = _replace_sharded_leaves(template, loaded_by_leaf)
+            _put_common_step(state, step)
+            sub.load_state_dict(state)
+    if step is not None:
+        _set_adam_step(optimizer, step)
+
+
+def _put_common_step(state: dict, step: Optional[int]) -> None:
+    """The non-distributed optimizers (FP32Optimizer, Float16Optimizer...) restore torch Adam's
+    per-parameter `step` from `state['common_step']` of their torch state dict, which the fresh
+    optimizer's template lacks (its step is 0, and Megatron stores it only when non-zero)."""
+    if step is None:
+        return
+    for torch_state in (state, state.get("optimizer")):
+        if isinstance(torch_state, dict) and isinstance(torch_state.get("state"), dict) and "param_groups" in torch_state:
+            torch_state["state"]["common_step"] = torch.tensor(float(step))
+
+
+def _adam_step(optimizer) -> Optional[int]:
+    """The optimizer-step count shared by every parameter: torch Adam keeps one per parameter,
+    fused Adam (TE / Apex, GPU) one per param group."""
+    steps = set()
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", sub)
+        for param_state in inner.state.values():
+            if "step" in param_state:
+                steps.add(int(param_state["step"]))
+        if not steps:
+            steps.update(int(g["step"]) for g in inner.param_groups if g.get("params") and g.get("step") is not None)
+    assert len(steps) <= 1, f"parameters disagree on the optimizer step: {sorted(steps)}"
+    return steps.pop() if steps else None
+
+
+def _set_adam_step(optimizer, step: int) -> None:
+    """One `step` tensor PER parameter: Megatron's DistributedOptimizer.load_state_dict shares one
+    tensor between all parameters, and torch AdamW increments it in place once per parameter
+    (`megatron_core_cpu.md` #31c)."""
+    for sub in _sub_optimizers(optimizer):
+        inner = getattr(sub, "optimizer", sub)
+        for param_state in inner.state.values():
+            if "step" in param_state:
+                old = param_state["step"]
+                param_state["step"] = torch.tensor(float(step), dtype=old.dtype, device=old.device) if torch.is_tensor(old) else step
+        for group in inner.param_groups:
+            if "step" in group:
+                group["step"] = step
+
+
+def _saved_optimizer_layout(path: str) -> Optional[str]:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    optimizer_state = common.get("optimizer") if isinstance(common, dict) else None
+    return optimizer_state.get("layout") if isinstance(optimizer_state, dict) else None
 
 
 # --- helpers ---------------------------------------------------------------------------------

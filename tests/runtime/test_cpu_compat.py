@@ -98,6 +98,24 @@ def test_moe_split_sizes_become_numpy():
     assert moe_utils.maybe_move_tensor_to_cpu(same) is same
 
 
+@pytest.mark.slow
+def test_uneven_first_dim_collectives_over_gloo():
+    """2 gloo ranks gather 3 + 1 rows and reduce-scatter them back (the expert-TP token gather)."""
+    import subprocess
+    from pathlib import Path
+
+    from tests.helpers import _free_port, cli_env
+
+    worker = Path(__file__).with_name("uneven_collectives_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         str(worker)],
+        cwd=Path(__file__).resolve().parents[2], env=cli_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+
+
 def test_refuses_other_megatron_versions(monkeypatch):
     monkeypatch.setattr(cpu_compat, "_applied", {})
     import importlib.metadata
