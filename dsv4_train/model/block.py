@@ -1,8 +1,8 @@
 """One V4 transformer block (spec §2): mHC-wrapped, pre-norm attention and MoE sub-layers.
 
 Megatron's `TransformerLayer` assumes a [s, b, d] residual; V4's residual is `hc_mult` streams
-[s, b, n, d] mixed by mHC, so the block is ours, built from Megatron parts (RMSNorm via
-`WrappedTorchNorm`, `MoELayer`) plus the hybrid attention and `HyperConnection`.
+[s, b, n, d] mixed by mHC, so the block is ours, built from Megatron parts (`MoELayer`) plus the
+hybrid attention, `HyperConnection` and DeepSeek's RMSNorm.
 
     x_in, post, comb = hc_attn.pre(X);  X = hc_attn.post(attn(attn_norm(x_in)), X, post, comb)
     x_in, post, comb = hc_ffn.pre(X);   X = hc_ffn.post(ffn(ffn_norm(x_in), ids), X, post, comb)
@@ -14,16 +14,24 @@ from typing import Optional
 
 import torch
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from dsv4_train.config.model import ModelConfig
+from dsv4_train.model.primitives import RMSNorm
 from dsv4_train.model.mhc import HyperConnection
 from dsv4_train.model.moe import V4MoELayer
 
 
 def rms_norm(config, model_cfg: ModelConfig, size: Optional[int] = None):
-    """Megatron's torch-backed RMSNorm (weight, no bias) with V4's epsilon."""
-    return WrappedTorchNorm(config=config, hidden_size=size or config.hidden_size, eps=model_cfg.rms_norm_eps)
+    """DeepSeek's RMSNorm (fp32 statistics and weight) with V4's epsilon.
+
+    Not Megatron's `WrappedTorchNorm`: that one asserts when sequence parallelism is on (only TE
+    norms support it upstream). Under SP each TP rank normalises its own sequence shard, so the
+    weight's gradient is partial per rank: tagging it `sequence_parallel` makes Megatron's
+    `finalize_model_grads` all-reduce it over TP, exactly as for TE norms.
+    """
+    norm = RMSNorm(size or config.hidden_size, eps=model_cfg.rms_norm_eps)
+    norm.weight.sequence_parallel = bool(config.sequence_parallel)
+    return norm
 
 
 class V4Block(MegatronModule):
