@@ -30,7 +30,7 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 pip_install numpy "packaging>=24.2"
-python -c "import megatron.core" 2>/dev/null || pip_install --no-deps --ignore-requires-python "megatron-core==0.19.2"
+python -m pip show megatron-core >/dev/null 2>&1 || pip_install --no-deps --ignore-requires-python "megatron-core==0.19.2"
 if [ -n "$extras" ]; then
   pip_install -e ".[$extras]"
 else
@@ -40,4 +40,5 @@ fi
 if ! command -v nvidia-smi >/dev/null 2>&1 && python -m pip show transformer-engine >/dev/null 2>&1; then
   python -m pip uninstall -y -q transformer-engine transformer_engine_cu13 || true
 fi
-python -c "import dsv4_train, megatron.core, torch; print(f'dsv4-train ready: torch {torch.__version__}, megatron-core OK')"
+# Megatron-Core imports triton unguarded; on CPU our compatibility layer must come first.
+python -c "from dsv4_train.runtime import cpu_compat; cpu_compat.apply(); import megatron.core, torch; print(f'dsv4-train ready: torch {torch.__version__}, megatron-core OK')"
