@@ -215,6 +215,15 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
     world = discover().world_size
     # A sweep handed to another launcher (e.g. Slurm) runs on other machines: that launcher checks
     # each point against its own world size.
+    launcher = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra/launcher=")), "basic")
+    if launcher == "dsv4_slurm":
+        import importlib.util
+
+        if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+            raise ValueError(
+                "hydra/launcher=dsv4_slurm needs hydra-submitit-launcher, an optional extra: install it "
+                "with `scripts/install.sh slurm` (or `pip install hydra-submitit-launcher`)."
+            )
     remote_sweep = args.multirun and any(
         o.startswith("hydra/launcher=") and o.split("=", 1)[1] != "basic" for o in args.overrides
     )

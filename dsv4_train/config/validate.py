@@ -199,12 +199,6 @@ def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
 def check_tensor_parallel_sizes(cfg, etp: int, problems: List[str]) -> None:
     """Tensor / expert-tensor parallel rules that Megatron-Core would otherwise raise deep inside."""
     p, m, t = cfg.parallel, cfg.model, cfg.train
-    if p.tp > 1 and not p.sp:
-        problems.append(
-            f"parallel.tp={p.tp} with parallel.sp=false: Megatron-Core's MoE layer refuses tensor "
-            "parallelism without sequence parallelism in training (moe_layer.py), and every V4 layer "
-            "has an MoE; set parallel.sp=true (same maths, less activation memory) or parallel.tp=1."
-        )
     for name, value in (("vocab_size", m.vocab_size), ("hidden_size", m.hidden_size)):
         # Embedding / output head / MTP are split by vocab rows; MTP e_proj/h_proj by hidden columns.
         if value and value % p.tp:
@@ -225,10 +219,13 @@ def check_tensor_parallel_sizes(cfg, etp: int, problems: List[str]) -> None:
             f"tensor-parallel size {etp} (parallel.etp, or parallel.tp when etp is null); set "
             "parallel.etp to a divisor (e.g. parallel.etp=1)."
         )
-    if p.sp and p.tp > 1 and p.cp > 0 and t.seq_length % (p.cp * p.tp):
+    if p.tp > 1 and p.cp > 0 and t.seq_length % (p.cp * p.tp):
+        # With sp=false the MoE sub-layers still split each rank's sequence over tp (model/moe.py).
+        where = "the layers" if p.sp else "every MoE sub-layer (Megatron's MoE is sequence-parallel)"
         problems.append(
-            f"parallel.sp=true splits each rank's sequence over tp: train.seq_length={t.seq_length} must "
-            f"be divisible by parallel.cp * parallel.tp = {p.cp}*{p.tp} = {p.cp * p.tp}."
+            f"parallel.tp={p.tp} splits each CP rank's sequence over the TP ranks in {where}: "
+            f"train.seq_length={t.seq_length} must be divisible by parallel.cp * parallel.tp = "
+            f"{p.cp}*{p.tp} = {p.cp * p.tp}; change train.seq_length, parallel.tp or parallel.cp."
         )
 
 

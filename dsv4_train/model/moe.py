@@ -5,14 +5,31 @@ and `SharedExpertMLP` built from tensor-parallel linears, whose unfused GLU path
 clamp (config.activation_func_clamp_value) to routed and shared experts alike, and `TopKRouter` for
 scored layers. V4-specific: hash layers route with `HashRouter`, which needs the token ids; the
 layer passes them down (`forward(hidden, token_ids=...)`).
+
+Tensor parallelism without sequence parallelism: Megatron's `MoELayer` refuses it in training
+(its dispatchers treat the TP ranks' tokens as distinct), so the layer runs sequence-parallel
+inside: it is built with a config copy that has `sequence_parallel=True` (router, dispatcher,
+shared expert and experts all read it), scatters the TP-replicated input to this rank's sequence
+rows and gathers the output back. Same maths: every token is routed and computed once, by one TP
+rank. Gradients: the scatter's backward all-gathers the input gradient (each rank's full,
+replicated gradient, as the surrounding non-SP layout expects); the gather's backward splits
+(`tensor_parallel_output_grad=False`: the output gradient is already full and identical on every
+TP rank, a reduce-scatter would count it tp times). The router weight is tagged
+`sequence_parallel` and gets a partial gradient from this rank's rows, but Megatron's
+`finalize_model_grads` only sums such tags over TP when the MODEL config is sequence-parallel, so
+the layer sums them itself (a gradient hook; see `_sum_partial_grads_over_tp`). The expert-bias
+token counts and the sequence balance loss are as under SP: counted per rank and summed over TP
+(x CP x DP) by Megatron.
 """
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Optional
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -31,6 +48,17 @@ def _shared_experts(*, config, pg_collection, gate, submodules, name=None):
     return SharedExpertMLP(config=config, submodules=submodules, gate=gate, pg_collection=pg_collection, name=name)
 
 
+def _sequence_parallel_inside(config) -> bool:
+    """True when the model is tensor-parallel without SP: the MoE then runs sequence-parallel inside."""
+    return config.tensor_model_parallel_size > 1 and not config.sequence_parallel
+
+
+def _with_sequence_parallel(config):
+    local = copy.copy(config)
+    local.sequence_parallel = True
+    return local
+
+
 class V4MoELayer(MoELayer):
     """Routed experts + one shared expert; hash-routed when `hash_routed`."""
 
@@ -44,19 +72,53 @@ class V4MoELayer(MoELayer):
             shared_experts=partial(_shared_experts, submodules=_mlp_submodules()),
             router=router,
         )
-        super().__init__(config=config, submodules=submodules, layer_number=layer_number, is_mtp_layer=is_mtp_layer)
+        # See the module docstring: without SP, the MoE still runs sequence-parallel inside.
+        self.scatters_sequence = _sequence_parallel_inside(config)
+        moe_config = _with_sequence_parallel(config) if self.scatters_sequence else config
+        super().__init__(config=moe_config, submodules=submodules, layer_number=layer_number, is_mtp_layer=is_mtp_layer)
         self.hash_routed = hash_routed
+        if self.scatters_sequence:
+            self._sum_partial_grads_over_tp()
         self.set_layer_number(layer_number)  # the seq aux-loss tracker logs per layer number
 
     def forward(self, hidden_states: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden_states [s, b, d] (normed), token_ids [s, b] (needed by hash layers) -> [s, b, d]."""
+        if self.scatters_sequence:
+            # [s, b, d] replicated over TP -> this rank's rows [s/tp, b, d]; backward all-gathers.
+            hidden_states = tensor_parallel.scatter_to_sequence_parallel_region(hidden_states, group=self.attn_tp_group)
         if self.hash_routed:
             if token_ids is None:
                 raise RuntimeError("hash-routed MoE layer called without token_ids")
             self.router.set_token_ids(self._split_like_hidden(token_ids, hidden_states))
         output, bias = super().forward(hidden_states)
         assert bias is None
+        if self.scatters_sequence:
+            # [s/tp, b, d] -> [s, b, d] on every TP rank; backward keeps this rank's rows of the
+            # (full, TP-identical) output gradient.
+            output = tensor_parallel.gather_from_sequence_parallel_region(
+                output, tensor_parallel_output_grad=False, group=self.attn_tp_group
+            )
         return output
+
+    def _sum_partial_grads_over_tp(self) -> None:
+        """Sum over TP the gradients of the parameters tagged `sequence_parallel` (the router gate).
+
+        Each TP rank sees only its sequence rows, so these gradients are partial; under real SP
+        `finalize_model_grads` sums them over TP, but it gates that on the model config's
+        `sequence_parallel`, which is False here. The hook sums each micro-batch's gradient before
+        it is accumulated (a [experts, hidden] all-reduce per layer and micro-batch).
+        """
+        group = self.attn_tp_group
+
+        def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            torch.distributed.all_reduce(grad, group=group)
+            return grad
+
+        tagged = [p for p in self.parameters() if getattr(p, "sequence_parallel", False)]
+        assert tagged, "expected the router gate to be tagged sequence_parallel"
+        for param in tagged:
+            param.register_hook(all_reduce)
 
     def _split_like_hidden(self, token_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """Token ids [s, b] -> this rank's sequence-parallel chunk [s/tp, b], the rows of `hidden_states`.

@@ -8,7 +8,12 @@ from dsv4_train.config.validate import ConfigError, validate
 
 # (overrides, world_size, text that must appear in one problem)
 CASES = [
-    (["parallel.tp=2"], 2, "parallel.tp=2 with parallel.sp=false"),
+    # TP without SP trains (each MoE sub-layer is sequence-parallel inside, model/moe.py) ...
+    (["parallel.tp=2", "parallel.sp=false"], 2, None),
+    (["parallel.tp=2", "parallel.sp=false", "parallel.ep=2"], 4, None),
+    # ... so it needs the same sequence split as SP: seq_length / cp divisible by tp.
+    (["parallel.tp=2", "parallel.sp=false", "train.seq_length=65", "model.compress_ratios=[0,0,0,0,0,0]"], 2,
+     "divisible by parallel.cp * parallel.tp"),
     (["parallel.tp=2", "parallel.sp=true", "model.vocab_size=511"], 2, "model.vocab_size=511 is not divisible by parallel.tp=2"),
     (["parallel.tp=2", "parallel.sp=true", "model.moe_intermediate_size=33"], 2, "shared expert width"),
     (["parallel.tp=2", "parallel.sp=true", "model.moe_intermediate_size=33"], 2, "model.moe_intermediate_size=33"),

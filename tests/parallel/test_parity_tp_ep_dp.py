@@ -8,15 +8,20 @@ Tolerance 1e-5 (fp32): a layout only changes the order of floating-point sums (T
 and all-reduces, the expert dispatch order, DP gradient reduction); over 5 Adam steps that moves
 the last bits (measured <= 3e-7). A real bug is far larger: e.g. forgetting the TP gradient
 reduction of the mHC weights under SP gives 6e-5 on grad_norm at step 1, loading the wrong experts
-under EP gave 3e-5 on lm_loss.
+under EP gave 3e-5 on lm_loss; under TP without SP, dropping the MoE router gate's TP gradient sum
+gave 6.5e-4 on grad_norm, reduce-scattering the MoE output gradient (counting it tp times) 3.9e-2,
+and every TP rank taking rank 0's token ids for hash routing 8.7e-4 on lm_loss.
 
 Layouts (DP2 alone is tests/train/test_training_runs.py::test_data_parallel_2_matches_single_process):
 * tp2_sp: attention heads / indexer heads / grouped output projection, shared expert, expert TP
   (etp = tp), vocab-parallel embedding, head and MTP, all with the sequence split over TP;
 * ep2_alltoall: experts split over 2 ranks (dense parameters data-parallel, distributed optimizer);
 * ep2_dp2_allgather: ep=2 on 4 ranks (expert data parallel 2), the allgather dispatcher;
-* tp2_sp_ep2: TP2+SP times EP2 with expert TP 2 (token gathers of uneven size inside the dispatcher).
-TP without SP is rejected by validation (Megatron's MoE layer refuses it in training).
+* tp2_sp_ep2: TP2+SP times EP2 with expert TP 2 (token gathers of uneven size inside the dispatcher);
+* tp2: TP2 without SP: attention, mHC and head in the replicated TP layout, each MoE sub-layer
+  sequence-parallel inside (model/moe.py: scatter, Megatron's SP MoE path, gather; the router
+  gate's partial gradients summed over TP by the layer);
+* tp2_ep2: the same with EP2 (expert TP 2) on 4 ranks.
 
 Run with `-s` to see the table of measured maximum relative differences.
 """
@@ -34,6 +39,8 @@ LAYOUTS = [
     ("ep2_alltoall", 2, ["parallel.ep=2", "parallel.moe_dispatcher=alltoall"]),
     ("ep2_dp2_allgather", 4, ["parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
     ("tp2_sp_ep2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    ("tp2", 2, ["parallel.tp=2", "parallel.sp=false"]),
+    ("tp2_ep2", 4, ["parallel.tp=2", "parallel.sp=false", "parallel.ep=2"]),
 ]
 
 _rows = []
