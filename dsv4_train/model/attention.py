@@ -217,7 +217,7 @@ class HybridAttention(MegatronModule):
             compressed = self.compressor(x, positions, previous=previous)  # [B, N, c]
             if cp is not None:
                 compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
-            compressed = tensor_parallel.copy_to_tensor_model_parallel_region(compressed)
+            compressed = tensor_parallel.copy_to_tensor_model_parallel_region(compressed, group=self.wq_b.tp_group)
             visible = compressed_visibility(  # [T, N]
                 seq_len, self.ratio, x.device, offset=cp.offset if cp else 0, num_entries=compressed.shape[1]
             )
@@ -238,7 +238,7 @@ class HybridAttention(MegatronModule):
         if scores is not None and self.training and torch.is_grad_enabled():
             # Main attention mass per compressed entry, summed over all heads (all TP ranks).
             mass = probs.detach()[..., num_window_keys:].sum(dim=1)  # [B, T, N]
-            mass = tensor_parallel.reduce_from_tensor_model_parallel_region(mass)
+            mass = tensor_parallel.reduce_from_tensor_model_parallel_region(mass, group=self.wq_b.tp_group)
             support_full = support if support.dim() == 3 else support.expand(batch, -1, -1)
             # Under CP: this rank's share (its rows over the CP-global row count).
             indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full, cp=cp)
@@ -253,7 +253,7 @@ class HybridAttention(MegatronModule):
     def _window_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, B, hidden] -> the single K=V head [B, T, c] (normed, RoPE at the given positions)."""
         kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos[:, None], sin[:, None])  # [T, B, c]
-        return tensor_parallel.copy_to_tensor_model_parallel_region(kv).transpose(0, 1)
+        return tensor_parallel.copy_to_tensor_model_parallel_region(kv, group=self.wq_b.tp_group).transpose(0, 1)
 
     def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, B, H_local, c] -> [T, B, groups_local * o_lora_rank] via per-group wo_a blocks."""

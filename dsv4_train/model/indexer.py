@@ -107,14 +107,14 @@ class LightningIndexer(MegatronModule):
         keys = self.compressor(x, positions, previous=None if previous is None else previous.detach())  # [B, n, cI]
         if cp is not None:
             keys = gather_entries(keys, cp)  # [B, N, cI]
-        keys = tensor_parallel.copy_to_tensor_model_parallel_region(keys)
+        keys = tensor_parallel.copy_to_tensor_model_parallel_region(keys, group=self.wq_b.tp_group)
         q = self.wq_b(c_q)[0].view(seq_len, batch, -1, self.head_dim)  # [T, B, hI_local, cI]
         cos, sin = self.rotary.cos_sin(positions)
         q = apply_interleaved_rope(q, cos[:, None, None], sin[:, None, None])
         weights = self.weights_proj(x)[0].float() * (self.head_dim**-0.5 * self.num_heads**-0.5)
         per_head = torch.einsum("tbhd,bnd->bthn", q.float(), keys.float()).relu()  # [B, T, hI_local, N]
         partial = torch.einsum("bthn,tbh->btn", per_head, weights)
-        total = tensor_parallel.reduce_from_tensor_model_parallel_region(partial)
+        total = tensor_parallel.reduce_from_tensor_model_parallel_region(partial, group=self.wq_b.tp_group)
         return total.masked_fill(~visible, float("-inf"))
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -37,12 +37,65 @@ def sinkhorn_comb(logits: torch.Tensor, *, iters: int, eps: float) -> torch.Tens
 
     Columns sum to 1 (up to eps) after the final step; rows to ~1.
     """
-    comb = torch.softmax(logits, dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return comb
+    return _SinkhornComb.apply(logits, iters, eps)
+
+
+def _sinkhorn_dims(iters: int) -> Tuple[int, ...]:
+    """The reduced dim of each step in the [rows, cols, matrices] layout of `_SinkhornComb`:
+    a column step (sum over rows, dim 0), then (iters - 1) x (row step (dim 1), column step)."""
+    return (0,) + (1, 0) * (iters - 1)
+
+
+class _SinkhornComb(torch.autograd.Function):
+    """Sinkhorn with the element-wise arithmetic of the plain autograd loop
+
+        comb = softmax(logits, -1) + eps
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)        # then (iters - 1) x:
+        comb = comb / (comb.sum(-1, keepdim=True) + eps);  comb = comb / (comb.sum(-2, keepdim=True) + eps)
+
+    as ONE graph node: at mHC's tiny [.., n, n] matrices the loop's cost is per-op overhead (graph
+    nodes forward, ~40 us of autograd engine work per step backward). Two further savings:
+    the matrices are laid out [n_rows, n_cols, M] (M = all batch positions, innermost), so each
+    normalisation broadcasts its sums over contiguous runs of M elements instead of runs of n; and
+    eps is a 0-dim tensor (a Python float is re-wrapped into a tensor by every call).
+
+    Bitwise the same values and gradients as autograd through the loop (tests/model/
+    test_sinkhorn_autograd.py checks with torch.equal): every element sees the same IEEE operations
+    in the same order (a sum over n entries accumulates them in index order in either layout).
+    The backward replays autograd's formulas per step y = x / d, d = sum(x) + eps: DivBackward0
+    gives g / d to x and -g * ((x / d) / d), summed over the broadcast dim, to d; the eps add passes
+    it on and SumBackward expands it back onto x, where the two contributions are added
+    (a + (-b) == a - b and sum(-v) == -sum(v) exactly). Softmax uses torch's own backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, iters, eps):
+        shape, n = logits.shape, logits.shape[-1]
+        # 0-dim eps in the dtype the Python float would be applied in (fp32 opmath for fp32/bf16/fp16).
+        eps = torch.tensor(eps, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+        probs = torch.softmax(logits, dim=-1)
+        comb = (probs + eps).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
+        saved = [probs]
+        for dim in _sinkhorn_dims(iters):
+            denom = comb.sum(dim=dim, keepdim=True).add_(eps)
+            comb = comb / denom
+            saved += [comb, denom]
+        ctx.save_for_backward(*saved)
+        ctx.iters = iters
+        return comb.permute(2, 0, 1).reshape(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        probs, *steps = ctx.saved_tensors
+        n = probs.shape[-1]
+        grad = grad.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
+        dims = _sinkhorn_dims(ctx.iters)
+        for k in range(len(dims) - 1, -1, -1):
+            out, denom = steps[2 * k], steps[2 * k + 1]  # out = x / denom
+            grad = grad / denom - (grad * (out / denom)).sum(dim=dims[k], keepdim=True)
+        grad = grad.permute(2, 0, 1).reshape(probs.shape)
+        return torch._softmax_backward_data(grad, probs, -1, probs.dtype), None, None
 
 
 class HyperConnection(MegatronModule):

@@ -129,22 +129,44 @@ class CudaToCpuMode(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.pin_memory:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
-        if func is torch.Tensor.is_pinned:
-            return False
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu") + tuple(args[2:])
-        return func(*args, **kwargs)
+        # Hot path (every torch call in the process goes through here): a call that is not one of
+        # the special methods and names neither `device` nor `pin_memory` passes through untouched.
+        if func in _SPECIAL_FUNCS:
+            return _special_call(func, args, kwargs)
+        if kwargs:
+            if "device" in kwargs or "pin_memory" in kwargs:
+                return func(*args, **_cpu_placement_kwargs(kwargs))
+            return func(*args, **kwargs)
+        return func(*args)
+
+
+def _cpu_placement_kwargs(kwargs):
+    """A copy of `kwargs` with a CUDA `device` mapped to CPU and `pin_memory` turned off."""
+    kwargs = dict(kwargs)
+    if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+        kwargs["device"] = "cpu"
+    if kwargs.get("pin_memory"):
+        kwargs["pin_memory"] = False
+    return kwargs
+
+
+def _special_call(func, args, kwargs):
+    """The Tensor methods CudaToCpuMode answers itself or whose positional device it rewrites."""
+    if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+        return args[0]
+    if func is torch.Tensor.is_pinned:
+        return False
+    if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+        return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+    if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+        args = (args[0], "cpu") + tuple(args[2:])
+    kwargs = _cpu_placement_kwargs(kwargs) if kwargs else {}
+    return func(*args, **kwargs)
+
+
+_SPECIAL_FUNCS = frozenset(
+    (torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.type, torch.Tensor.is_pinned, torch.Tensor.to)
+)
 
 
 def _enter_cuda_to_cpu_mode() -> None:
