@@ -40,7 +40,9 @@ LAYOUTS = [
     ("ep2_dp2_allgather", 4, ["parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
     ("tp2_sp_ep2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
     ("tp2", 2, ["parallel.tp=2", "parallel.sp=false"]),
-    ("tp2_ep2", 4, ["parallel.tp=2", "parallel.sp=false", "parallel.ep=2"]),
+    ("ep2_allgather", 2, ["parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
+    # tp2 (no SP) with ep2 on 4 ranks also passes (measured 3.8e-8 / 7.8e-8 / 2.4e-7); left out of
+    # the suite's time budget: tp2 and tp2_sp_ep2 cover its pieces.
 ]
 
 _rows = []
