@@ -51,7 +51,7 @@ def preflight_inputs(cfg: Config) -> None:
         return
     from dsv4_train.checkpoint.io import resolve_load_path
     from dsv4_train.data.checks import check_data_inputs
-    from dsv4_train.train.loop import checkpoint_root
+    from dsv4_train.checkpoint.resume import checkpoint_root
 
     check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
     if cfg.checkpoint.load_model_only and cfg.checkpoint.load in ("auto", "none"):

@@ -6,24 +6,19 @@ been checked, so a bad input fails in seconds without writing anything.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict
 from typing import List, Optional
 
 import torch
 
-from dsv4_train.checkpoint.io import TrainState, find_latest, weights_only, load_checkpoint, resolve_load_path, save_checkpoint
+from dsv4_train.checkpoint.io import TrainState, save_checkpoint
+from dsv4_train.checkpoint.resume import checkpoint_root, plan_resume, restore_or_save_initial
 from dsv4_train.config.schema import Config
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.metrics import MetricsSink
 from dsv4_train.train.optimizer import build_optimizer
 from dsv4_train.train.step import train_step, wire_model_config
-
-
-def checkpoint_root(cfg: Config) -> str:
-    return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
 
 
 def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
@@ -140,11 +135,6 @@ def _collect_aux_metrics(num_microbatches: int) -> dict:
     return {n: float(s / max(c, 1.0)) for n, (s, c) in zip(names, totals.tolist())}
 
 
-def _read_marker(path: str) -> dict:
-    with open(os.path.join(path, "dsv4_complete.json")) as f:
-        return json.load(f)
-
-
 def run_training(cfg: Config, derived) -> int:
     """Train; returns the process exit code (0, or EXIT_PREEMPTED after a preemption save)."""
     from dsv4_train.data import build_data
@@ -153,17 +143,8 @@ def run_training(cfg: Config, derived) -> int:
     runtime = dist_runtime.init_process_group(device_request=cfg.run.device)
     train_cfg = cfg.train
     ckpt_root = checkpoint_root(cfg)
-    # Fails fast (before any model is built) when an explicitly requested checkpoint is missing.
-    load_path = resolve_load_path(cfg.checkpoint.load, ckpt_root)
-    model_only = cfg.checkpoint.load_model_only
-    own_latest = find_latest(ckpt_root)
-    if model_only and own_latest is not None:
-        # Started from pre-trained weights earlier and has saved since: resume this run instead.
-        load_path, model_only = own_latest, False
-    start = TrainState()
-    if load_path is not None and not model_only and not weights_only(load_path):
-        marker = _read_marker(load_path)
-        start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))
+    # Before any model is built: fails fast when an explicitly requested checkpoint is missing.
+    load_path, model_only, start = plan_resume(cfg, ckpt_root)
 
     par = cfg.parallel
     dist_runtime.init_model_parallel(tp=par.tp, pp=par.pp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp)
@@ -186,18 +167,9 @@ def run_training(cfg: Config, derived) -> int:
     model_chunks = build_model_chunks(cfg, derived)
     optimizer, scheduler = build_optimizer(model_chunks, cfg=cfg)
     wire_model_config(model_chunks, optimizer)
-    if load_path is not None:
-        start = load_checkpoint(load_path, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                                model_only=model_only)
-        if model_only or weights_only(load_path):
-            optimizer.reload_model_params()  # fp32 main copies (bf16 training) follow the loaded weights
-        if runtime.is_main:
-            what = "loaded model weights from" if model_only else "resumed from"
-            print(f"{what} {load_path} at step {start.step}", flush=True)
-    elif cfg.checkpoint.save_initial:
-        # Weights only: a fresh optimizer has no state to save yet.
-        save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=None, scheduler=None,
-                        state=start, keep_last=0)
+    start = restore_or_save_initial(cfg, ckpt_root, load_path, model_only, start,
+                                    model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+                                    is_main=runtime.is_main)
 
     decay_start = derived.decay_start_step
 

@@ -1,0 +1,61 @@
+"""Where a run starts: fresh, resumed from its own latest checkpoint, or from given weights.
+
+Split in two so the read-only part (`plan_resume`: which checkpoint, which step, which data
+position) runs before anything is built, and a bad `checkpoint.load` fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from dsv4_train.checkpoint.io import (
+    TrainState,
+    find_latest,
+    load_checkpoint,
+    resolve_load_path,
+    save_checkpoint,
+    weights_only,
+)
+from dsv4_train.config.schema import Config
+
+
+def checkpoint_root(cfg: Config) -> str:
+    return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
+
+
+def plan_resume(cfg: Config, ckpt_root: str):
+    """(checkpoint to load or None, load weights only?, TrainState to start from), read-only.
+
+    checkpoint.load=auto resumes this run's latest complete checkpoint; a weights-only start
+    (checkpoint.load_model_only) is superseded by this run's own checkpoints once it has saved.
+    """
+    load_path = resolve_load_path(cfg.checkpoint.load, ckpt_root)
+    model_only = cfg.checkpoint.load_model_only
+    own_latest = find_latest(ckpt_root)
+    if model_only and own_latest is not None:
+        load_path, model_only = own_latest, False
+    start = TrainState()
+    if load_path is not None and not model_only and not weights_only(load_path):
+        with open(os.path.join(load_path, "dsv4_complete.json")) as f:
+            marker = json.load(f)
+        start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))
+    return load_path, model_only, start
+
+
+def restore_or_save_initial(cfg: Config, ckpt_root: str, load_path, model_only: bool, start: TrainState, *,
+                            model_chunks, optimizer, scheduler, is_main: bool) -> TrainState:
+    """Load the planned checkpoint into the built model/optimizer, or save the initial weights."""
+    if load_path is not None:
+        start = load_checkpoint(load_path, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+                                model_only=model_only)
+        if model_only or weights_only(load_path):
+            optimizer.reload_model_params()  # fp32 main copies (bf16 training) follow the loaded weights
+        if is_main:
+            what = "loaded model weights from" if model_only else "resumed from"
+            print(f"{what} {load_path} at step {start.step}", flush=True)
+    elif cfg.checkpoint.save_initial:
+        # Weights only: a fresh optimizer has no state to save yet.
+        save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=None, scheduler=None,
+                        state=start, keep_last=0)
+    return start
