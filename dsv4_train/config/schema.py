@@ -97,7 +97,7 @@ class LoggingConfig:
 
     wandb: bool = False
     wandb_project: str = "dsv4-train"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: str = "auto"  # auto (online when a wandb API key is configured, else offline) | offline | online | disabled
     wandb_group: Optional[str] = None
     console: bool = True
 

@@ -20,7 +20,7 @@ INDEXER_PHASES = ("dense", "warmup", "sparse")
 DISPATCHERS = ("alltoall", "allgather")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("embedded", "indexed", "mock")
-WANDB_MODES = ("offline", "online", "disabled")
+WANDB_MODES = ("auto", "offline", "online", "disabled")
 SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
 CHECKPOINT_LOAD_KEYWORDS = ("auto", "none")
 

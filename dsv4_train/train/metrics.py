@@ -59,7 +59,7 @@ class MetricsSink:
             self._wandb_run = wandb.init(
                 project=logging_cfg.wandb_project,
                 group=wandb_group(logging_cfg.wandb_group),  # a sweep's runs share one group
-                mode=logging_cfg.wandb_mode,
+                mode=resolve_wandb_mode(logging_cfg.wandb_mode),
                 dir=run_dir,
                 config=config_dict,
                 resume="allow",
@@ -89,6 +89,21 @@ class MetricsSink:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """`auto`: online only when the user has a wandb API key (env var or `wandb login` netrc entry)."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    import netrc
+
+    try:
+        credentials = netrc.netrc().authenticators("api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        credentials = None
+    return "online" if credentials else "offline"
 
 
 def _stable_wandb_id(run_dir: str) -> str:
