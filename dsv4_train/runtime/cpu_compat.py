@@ -221,33 +221,7 @@ def _install_cpu_rng_tracker() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Sequence parallel with torch norms (Megatron's WrappedTorchNorm asserts SP is off).
-# ---------------------------------------------------------------------------------------------
-def _allow_sequence_parallel_torch_norm() -> None:
-    from megatron.core.transformer import torch_norm
-
-    original_new = torch_norm.WrappedTorchNorm.__new__
-    if getattr(original_new, "_dsv4_cpu", False):
-        return
-
-    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):
-        sequence_parallel = config.sequence_parallel
-        config.sequence_parallel = False  # pass the assert; restore right after
-        try:
-            norm = original_new(cls, config, hidden_size, eps, **kwargs)
-        finally:
-            config.sequence_parallel = sequence_parallel
-        # Megatron all-reduces grads of params tagged `sequence_parallel` over TP in finalize_model_grads.
-        for param in norm.parameters():
-            param.sequence_parallel = sequence_parallel
-        return norm
-
-    __new__._dsv4_cpu = True
-    torch_norm.WrappedTorchNorm.__new__ = __new__
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. MoE all-to-all split sizes: converted to numpy only for CUDA tensors upstream.
+# 5. MoE all-to-all split sizes: converted to numpy only for CUDA tensors upstream.
 # ---------------------------------------------------------------------------------------------
 def _moe_split_sizes_to_numpy() -> None:
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -268,7 +242,7 @@ def _moe_split_sizes_to_numpy() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Uneven first-dim all-gather / reduce-scatter: gloo has neither (expert TP > 1 with EP > 1).
+# 6. Uneven first-dim all-gather / reduce-scatter: gloo has neither (expert TP > 1 with EP > 1).
 # ---------------------------------------------------------------------------------------------
 def _gloo_uneven_first_dim_collectives() -> None:
     """The alltoall MoE dispatcher gathers a different number of tokens from each expert-TP rank
@@ -313,7 +287,6 @@ PATCHES: Dict[str, Callable[[], None]] = {
     "cuda_api": _patch_cuda_api,
     "cuda_to_cpu_mode": _enter_cuda_to_cpu_mode,
     "cpu_rng_tracker": _install_cpu_rng_tracker,
-    "sequence_parallel_torch_norm": _allow_sequence_parallel_torch_norm,
     "moe_split_sizes_numpy": _moe_split_sizes_to_numpy,
     "gloo_uneven_first_dim_collectives": _gloo_uneven_first_dim_collectives,
 }

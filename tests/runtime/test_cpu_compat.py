@@ -74,21 +74,6 @@ def test_rng_tracker_streams_are_reproducible_and_isolated():
     assert torch.equal(first, again), "re-seeding reproduces the stream"
 
 
-def test_sequence_parallel_torch_norm_is_allowed_and_tagged():
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    config = TransformerConfig(
-        num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
-        tensor_model_parallel_size=1, sequence_parallel=False,
-    )
-    config.sequence_parallel = True  # TP=1 would be rejected by __post_init__; the norm only reads it
-    norm = WrappedTorchNorm(config, 8, eps=1e-6)
-    assert isinstance(norm, torch.nn.RMSNorm)
-    assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
-    assert config.sequence_parallel is True
-
-
 def test_moe_split_sizes_become_numpy():
     from megatron.core.transformer.moe import moe_utils
 
