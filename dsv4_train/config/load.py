@@ -14,7 +14,7 @@ The entry point:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.config.model import ModelConfig

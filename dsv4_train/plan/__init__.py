@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 from dsv4_train.config.derive import derive
-from dsv4_train.config.validate import validate
+from dsv4_train.config.validate import RECOMPUTE_MODES, validate
 from dsv4_train.plan.flops import flops_per_token
-from dsv4_train.plan.memory import GIB, RECOMPUTE_MODES, rank_memory
+from dsv4_train.plan.memory import GIB, rank_memory
 from dsv4_train.plan.params import count_params
 
 GPU_MEMORY_GIB = 80 * 1000**3 / GIB  # an "80 GB" GPU (H100/A100), in GiB

@@ -25,7 +25,6 @@ from dsv4_train.config.model import CSA_RATIO
 from dsv4_train.plan.params import count_params
 
 GIB = 1024**3
-from dsv4_train.config.validate import RECOMPUTE_MODES  # noqa: E402
 OVERHEAD_BYTES = 5 * GIB  # CUDA context + NCCL + allocator fragmentation (assumption)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import List, Optional
+from typing import List
 
 import torch
 

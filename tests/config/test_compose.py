@@ -7,7 +7,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dsv4_train.config.errors import friendly_message
-from dsv4_train.config.load import CONFIG_DIR, available_recipes, compose, compose_dict
+from dsv4_train.config.load import CONFIG_DIR, available_recipes, compose
 from dsv4_train.config.model import ModelConfig
 from dsv4_train.config.schema import Config
 from dsv4_train.config.validate import validate
