@@ -20,18 +20,8 @@
 
 set -euo pipefail
 
-die() {
-    echo "submit.sh: error: $*" >&2
-    exit 2
-}
-
-require_var() {  # name, what it is and an example
-    [[ -n "${!1:-}" ]] || die "$1 is not set: $2"
-}
-
-require_positive_int() {
-    [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || die "$1=${!1} is not a positive integer: $2"
-}
+# shellcheck source=launch/lib/checks.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/checks.sh"  # die, require_var, require_positive_int
 
 # ================================ Configuration =================================================
 require_var RECIPE "the recipe to train (a file in recipes/ without .yaml), e.g. RECIPE=flash_pretrain."

@@ -16,7 +16,7 @@ FAKE_BIN = Path(__file__).resolve().parent / "fake_slurm" / "bin"
 SUBMIT = REPO / "launch" / "slurm" / "submit.sh"
 SBATCH_TEMPLATE = REPO / "launch" / "slurm" / "pretrain.sbatch"
 TORCHRUN = REPO / "launch" / "torchrun.sh"
-TEMPLATES = [SUBMIT, SBATCH_TEMPLATE, TORCHRUN]
+TEMPLATES = [SUBMIT, SBATCH_TEMPLATE, TORCHRUN, REPO / "launch" / "lib" / "checks.sh"]
 
 
 def slurm_env(state_dir: Path, extra: Optional[dict] = None) -> dict:
