@@ -375,15 +375,16 @@ def _ensure_runtime(seed: int) -> None:
     init_single_process_for_tools(seed=seed)
 
 
-def load_hf(path: str, *, precision: str = "fp32", seed: int = 1234):
+def load_hf(path: str, *, precision: str = "fp32", seed: int = 1234, moe_expert_compute: str = "auto"):
     """Build a single-process `DSV4Model` from an HF checkpoint directory; returns it in eval mode.
 
     `model(input_ids)` -> logits [b, s, vocab]. Initialises gloo world 1 + Megatron parallel state
-    (+ the CPU compatibility layer) when not done yet.
+    (+ the CPU compatibility layer) when not done yet. `moe_expert_compute`: see ModelConfig.
     """
     with open(os.path.join(path, "config.json")) as handle:
         raw = json.load(handle)
     model_cfg = model_config_from_hf(raw)
+    model_cfg.moe_expert_compute = moe_expert_compute
     tensors = to_native_names(read_safetensors(path))
     _ensure_runtime(seed)
 

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("embedded", "indexed", "mock")
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
+EXPERT_COMPUTE = ("auto", "sequential", "batched")
 CHECKPOINT_LOAD_KEYWORDS = ("auto", "none")
 
 
@@ -94,6 +95,7 @@ def check_model(m, problems: List[str]) -> None:
         )
     _one_of(problems, "model.indexer_phase", m.indexer_phase, INDEXER_PHASES)
     _one_of(problems, "model.score_function", m.score_function, SCORE_FUNCTIONS)
+    _one_of(problems, "model.moe_expert_compute", m.moe_expert_compute, EXPERT_COMPUTE)
     if not (0.0 <= m.mtp_loss_weight and 0.0 <= m.mtp_loss_weight_after_decay):
         problems.append("model.mtp_loss_weight and model.mtp_loss_weight_after_decay must be >= 0.")
 

@@ -50,6 +50,7 @@ from dsv4_train.model.mhc import HyperHead
 from dsv4_train.model.module_list import ShardedModuleList  # keeps TP/EP sharding in checkpoints
 from dsv4_train.model.mtp import MTPLayer
 from dsv4_train.parallel import context as cp_context
+from dsv4_train.runtime import cpu_compat
 
 
 def pipeline_micro_batch_size(micro_batch_size: int, hc_mult: int) -> int:
@@ -160,6 +161,10 @@ class DSV4Model(LanguageModule):
     ) -> torch.Tensor:
         """input_ids / position_ids / labels / loss_mask: this CP rank's slice [b, s]. Every stage
         gets input_ids (hash routing, MTP); a non-last stage returns its folded streams."""
+        with cpu_compat.mode_suspended():  # no-op on GPU; skips the CPU layer's per-call hook
+            return self._forward(input_ids, position_ids, labels, loss_mask)
+
+    def _forward(self, input_ids, position_ids, labels, loss_mask) -> torch.Tensor:
         positions = self._attention_positions(position_ids)
         batch, seq = input_ids.shape
         cp = None

@@ -1,7 +1,7 @@
 """V4 MoE sub-layer (spec §6-7) on Megatron-Core's `MoELayer`.
 
 Megatron parts used as they are: `MoELayer` (token dispatcher, EP-ready), `SequentialMLP` experts
-and `SharedExpertMLP` built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU
+(or `BatchedSequentialMLP`, model/experts.py: same modules, batched forward) and `SharedExpertMLP` built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU
 clamp (config.activation_func_clamp_value) to routed and shared experts alike, and `TopKRouter` for
 scored layers. V4-specific: hash layers route with `HashRouter`, which needs the token ids; the
 layer passes them down (`forward(hidden, token_ids=...)`).
@@ -37,6 +37,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from dsv4_train.config.model import ModelConfig
+from dsv4_train.model.experts import BatchedSequentialMLP
 from dsv4_train.model.router import HashRouter, ScoredRouter
 
 
@@ -46,6 +47,14 @@ def _mlp_submodules() -> MLPSubmodules:
 
 def _shared_experts(*, config, pg_collection, gate, submodules, name=None):
     return SharedExpertMLP(config=config, submodules=submodules, gate=gate, pg_collection=pg_collection, name=name)
+
+
+def _experts_class(model_cfg: ModelConfig):
+    """SequentialMLP or its batched twin (same parameters and checkpoints), per moe_expert_compute."""
+    choice = model_cfg.moe_expert_compute
+    if choice == "auto":
+        choice = "sequential" if torch.cuda.is_available() else "batched"
+    return BatchedSequentialMLP if choice == "batched" else SequentialMLP
 
 
 def _sequence_parallel_inside(config) -> bool:
@@ -68,7 +77,7 @@ class V4MoELayer(MoELayer):
         else:
             router = ScoredRouter
         submodules = MoESubmodules(
-            experts=partial(SequentialMLP, submodules=_mlp_submodules()),
+            experts=partial(_experts_class(model_cfg), submodules=_mlp_submodules()),
             shared_experts=partial(_shared_experts, submodules=_mlp_submodules()),
             router=router,
         )

@@ -169,6 +169,23 @@ _SPECIAL_FUNCS = frozenset(
 )
 
 
+@contextlib.contextmanager
+def mode_suspended():
+    """Run a block without CudaToCpuMode's per-call hook (~1-2 us of Python per torch call).
+
+    For model compute only: the V4 modules and the Megatron-Core layers they call place tensors
+    with `torch.cuda.current_device()` (patched to "cpu" by `cuda_api`) or like their inputs, never
+    with a literal "cuda", so the hook has nothing to rewrite there; the multi-process parity tests
+    (tests/parallel) run every layout's forward through this. A no-op when the mode is not active
+    (GPU machines) or when another mode sits above it.
+    """
+    if _mode is None or torch.overrides._get_current_function_mode() is not _mode:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
 def _enter_cuda_to_cpu_mode() -> None:
     global _mode
     _mode = CudaToCpuMode()

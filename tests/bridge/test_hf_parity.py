@@ -51,14 +51,19 @@ def _grad_pairs(num_layers: int):
     return [(hf_name.format(**idx), our_name.format(**idx)) for hf_name, our_name in _GRAD_PAIRS]
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+# Both routed-expert paths (model/experts.py: Megatron's SequentialMLP and our batched twin) are
+# held to the oracle.
+_PAIRS = [(case, compute) for case in CASES for compute in ("batched", "sequential")]
+
+
+@pytest.fixture(scope="module", params=_PAIRS, ids=[f"{c.name}-{compute}" for c, compute in _PAIRS])
 def pair(request, megatron_world1, tmp_path_factory):
     from dsv4_train.bridge import load_hf
 
-    case = request.param
+    case, compute = request.param
     hf = build_hf(case)
     directory = save_hf(hf, str(tmp_path_factory.mktemp(case.name)))
-    ours = load_hf(directory)
+    ours = load_hf(directory, moe_expert_compute=compute)
     return case, hf, ours
 
 
@@ -114,11 +119,14 @@ def test_swiglu_clamp_is_exercised(pair):
     case, hf, ours = pair
     if not case.expert_weight_std:
         pytest.skip("only the clamped case drives the SwiGLU clamp")
-    seen = []
-    hooks = [
-        layer.ffn.experts.local_experts[0].linear_fc1.register_forward_hook(lambda m, i, o: seen.append(o[0].detach()))
-        for layer in ours.layers
-    ]
+    seen = []  # expert 0's fc1 output (gate half first), recomputed from each layer's expert input
+
+    def expert0_fc1(experts, inputs):
+        hidden, tokens_per_expert = inputs[0], inputs[1]
+        rows = hidden[: int(tokens_per_expert[0])]
+        seen.append(rows @ experts.local_experts[0].linear_fc1.weight.t())
+
+    hooks = [layer.ffn.experts.register_forward_pre_hook(expert0_fc1) for layer in ours.layers]
     try:
         with torch.no_grad():
             ours(input_ids(case))

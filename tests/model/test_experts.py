@@ -1,0 +1,102 @@
+"""The batched routed-expert path (model/experts.py) against Megatron's SequentialMLP.
+
+Same weights, same expert-sorted tokens: outputs and every weight/input gradient must agree.
+Tolerance 1e-6 relative to each tensor's largest entry in fp32: a padded bmm and a per-expert mm
+multiply the same numbers but may block the dot products differently (a few ulps), nothing more;
+bf16 is checked at 2e-2 (bf16 epsilon 7.8e-3, one rounding of the activations in either order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from v4_model_helpers import tiny_cfg
+
+
+def _twins(dtype=torch.float32):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from dsv4_train.model.experts import BatchedSequentialMLP
+    from dsv4_train.model.moe import _mlp_submodules
+    from dsv4_train.model.transformer_config import build_transformer_config
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    cfg = tiny_cfg()
+    config = build_transformer_config(model_cfg=cfg, precision="bf16" if dtype == torch.bfloat16 else "fp32")
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    torch.manual_seed(0)
+    sequential = SequentialMLP(cfg.num_routed_experts, config, _mlp_submodules(), pg_collection=pgs)
+    batched = BatchedSequentialMLP(cfg.num_routed_experts, config, _mlp_submodules(), pg_collection=pgs)
+    batched.load_state_dict(sequential.state_dict())
+    # Larger weights than the init so the SwiGLU clamp (swiglu_limit) really cuts.
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(sequential.named_parameters(), batched.named_parameters()):
+            a.normal_(0.0, 0.5)
+            b.copy_(a)
+    sequential.to(dtype)
+    batched.to(dtype)
+    return cfg, sequential, batched
+
+
+def _run(module, hidden, counts, probs):
+    hidden = hidden.clone().requires_grad_(True)
+    probs = probs.clone().requires_grad_(True)
+    out, bias = module(hidden, torch.tensor(counts), probs)
+    assert bias is None
+    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out))
+    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+    return out.detach(), hidden.grad, probs.grad, grads
+
+
+def _close(a, b, rtol):
+    scale = max(a.abs().max().item(), 1e-30)
+    assert (a.float() - b.float()).abs().max().item() <= rtol * scale
+
+
+@pytest.mark.parametrize("counts_kind", ["uneven_with_empty_experts", "one_expert_only", "no_tokens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batched_experts_match_sequential(megatron_world1, counts_kind, dtype):
+    cfg, sequential, batched = _twins(dtype)
+    experts = cfg.num_routed_experts
+    counts = {
+        "uneven_with_empty_experts": [5, 0, 1, 9, 0, 3, 2, 7][:experts] + [0] * max(0, experts - 8),
+        "one_expert_only": [0] * (experts - 1) + [6],
+        "no_tokens": [0] * experts,
+    }[counts_kind]
+    tokens = sum(counts)
+    gen = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(tokens, cfg.hidden_size, generator=gen) * 3.0).to(dtype)
+    probs = torch.rand(tokens, generator=gen)
+    rtol = 1e-6 if dtype == torch.float32 else 2e-2
+    ref, got = _run(sequential, hidden, counts, probs), _run(batched, hidden, counts, probs)
+    assert got[0].shape == ref[0].shape == (tokens, cfg.hidden_size) and got[0].dtype == dtype
+    if tokens:
+        _close(ref[0], got[0], rtol)
+        _close(ref[1], got[1], rtol)
+        _close(ref[2], got[2], rtol)
+    for name, grad in ref[3].items():
+        if grad.abs().max() == 0:
+            assert got[3][name].abs().max() == 0, name  # experts without tokens get zero gradients
+        else:
+            _close(grad, got[3][name], rtol)
+    if counts_kind == "uneven_with_empty_experts" and dtype == torch.float32:
+        # The clamp really cut something (else the comparison would not cover it).
+        fc1 = sequential.local_experts[3].linear_fc1.weight
+        assert (hidden[6:15] @ fc1.t())[:, : fc1.shape[0] // 2].max().item() > cfg.swiglu_limit
+
+
+def test_model_config_selects_expert_path(megatron_world1):
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from dsv4_train.model.experts import BatchedSequentialMLP
+    from v4_model_helpers import build_tiny
+
+    batched = build_tiny(moe_expert_compute="batched")
+    sequential = build_tiny(moe_expert_compute="sequential")
+    auto = build_tiny()  # no CUDA here -> batched
+    assert type(batched.layers[0].ffn.experts) is BatchedSequentialMLP
+    assert type(sequential.layers[0].ffn.experts) is SequentialMLP
+    assert type(auto.layers[0].ffn.experts) is BatchedSequentialMLP
+    # Same parameter names, so checkpoints are interchangeable.
+    assert [n for n, _ in batched.named_parameters()] == [n for n, _ in sequential.named_parameters()]
