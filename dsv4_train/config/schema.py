@@ -36,7 +36,7 @@ class ParallelConfig:
     cp: int = 1
     sp: bool = False  # sequence parallel (requires tp > 1)
     distributed_optimizer: bool = True
-    moe_dispatcher: str = "alltoall"  # alltoall | allgather
+    moe_dispatcher: str = "auto"  # auto (allgather without EP, else alltoall) | alltoall | allgather
     pipeline_layout: Optional[str] = None  # explicit layout; None derives one
     # Megatron layout syntax, e.g. "Et*11|t*11|t*11|t*10,mL" (E embedding, t layer, m MTP, L loss,
     # '|' between virtual stages in stage order). Needed when num_layers is not divisible by pp*vpp.

@@ -53,6 +53,7 @@ from dsv4_train.config.model import ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelCon
 from dsv4_train.model import aux_losses
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.indexer import LightningIndexer, _without_sequence_parallel, indexer_kl_loss
+from dsv4_train.model.parallel_linear import ColumnParallelLinear, RowParallelLinear, copy_to_tp_region, reduce_from_tp_region
 from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
 from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary
 from dsv4_train.parallel import context as cp_context
@@ -133,7 +134,7 @@ class HybridAttention(MegatronModule):
 
         self.wq_a = ReplicatedLinear(hidden, model_cfg.q_lora_rank, init_method=config.init_method, params_dtype=dtype)
         self.q_norm = RMSNorm(model_cfg.q_lora_rank, eps=self.eps)
-        self.wq_b = tensor_parallel.ColumnParallelLinear(
+        self.wq_b = ColumnParallelLinear(
             model_cfg.q_lora_rank,
             self.num_heads * self.head_dim,
             config=col_config,
@@ -146,7 +147,7 @@ class HybridAttention(MegatronModule):
         # Block-diagonal grouped projection: weight [o_groups * o_lora_rank, heads_per_group * head_dim],
         # split by groups over TP (dim 0). Only its weight is used (see _grouped_output), never its
         # forward: its input is already head-split, so the input copy of ColumnParallelLinear is wrong here.
-        self.wo_a = tensor_parallel.ColumnParallelLinear(
+        self.wo_a = ColumnParallelLinear(
             self.num_heads * self.head_dim // model_cfg.o_groups,
             model_cfg.o_groups * model_cfg.o_lora_rank,
             config=col_config,
@@ -154,7 +155,7 @@ class HybridAttention(MegatronModule):
             bias=False,
             gather_output=False,
         )
-        self.wo_b = tensor_parallel.RowParallelLinear(
+        self.wo_b = RowParallelLinear(
             model_cfg.o_groups * model_cfg.o_lora_rank,
             hidden,
             config=config,
@@ -217,7 +218,7 @@ class HybridAttention(MegatronModule):
             compressed = self.compressor(x, positions, previous=previous)  # [B, N, c]
             if cp is not None:
                 compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
-            compressed = tensor_parallel.copy_to_tensor_model_parallel_region(compressed, group=self.wq_b.tp_group)
+            compressed = copy_to_tp_region(compressed, self.wq_b.tp_group)
             visible = compressed_visibility(  # [T, N]
                 seq_len, self.ratio, x.device, offset=cp.offset if cp else 0, num_entries=compressed.shape[1]
             )
@@ -238,7 +239,7 @@ class HybridAttention(MegatronModule):
         if scores is not None and self.training and torch.is_grad_enabled():
             # Main attention mass per compressed entry, summed over all heads (all TP ranks).
             mass = probs.detach()[..., num_window_keys:].sum(dim=1)  # [B, T, N]
-            mass = tensor_parallel.reduce_from_tensor_model_parallel_region(mass, group=self.wq_b.tp_group)
+            mass = reduce_from_tp_region(mass, self.wq_b.tp_group)
             support_full = support if support.dim() == 3 else support.expand(batch, -1, -1)
             # Under CP: this rank's share (its rows over the CP-global row count).
             indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full, cp=cp)
@@ -253,7 +254,7 @@ class HybridAttention(MegatronModule):
     def _window_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, B, hidden] -> the single K=V head [B, T, c] (normed, RoPE at the given positions)."""
         kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos[:, None], sin[:, None])  # [T, B, c]
-        return tensor_parallel.copy_to_tensor_model_parallel_region(kv, group=self.wq_b.tp_group).transpose(0, 1)
+        return copy_to_tp_region(kv, self.wq_b.tp_group).transpose(0, 1)
 
     def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:
         """[T, B, H_local, c] -> [T, B, groups_local * o_lora_rank] via per-group wo_a blocks."""

@@ -25,12 +25,12 @@ import copy
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.config.model import CSA_RATIO, ModelConfig
 from dsv4_train.model.compressor import Compressor
+from dsv4_train.model.parallel_linear import ColumnParallelLinear, copy_to_tp_region, reduce_from_tp_region
 from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope
 from dsv4_train.parallel.context import gather_entries, sum_over
 
@@ -65,7 +65,7 @@ class LightningIndexer(MegatronModule):
         self.topk = model_cfg.index_topk
         self.rotary = rotary
         col_config = _without_sequence_parallel(config)
-        self.wq_b = tensor_parallel.ColumnParallelLinear(
+        self.wq_b = ColumnParallelLinear(
             model_cfg.q_lora_rank,
             self.num_heads * self.head_dim,
             config=col_config,
@@ -73,7 +73,7 @@ class LightningIndexer(MegatronModule):
             bias=False,
             gather_output=False,
         )
-        self.weights_proj = tensor_parallel.ColumnParallelLinear(
+        self.weights_proj = ColumnParallelLinear(
             model_cfg.hidden_size,
             self.num_heads,
             config=col_config,
@@ -107,14 +107,14 @@ class LightningIndexer(MegatronModule):
         keys = self.compressor(x, positions, previous=None if previous is None else previous.detach())  # [B, n, cI]
         if cp is not None:
             keys = gather_entries(keys, cp)  # [B, N, cI]
-        keys = tensor_parallel.copy_to_tensor_model_parallel_region(keys, group=self.wq_b.tp_group)
+        keys = copy_to_tp_region(keys, self.wq_b.tp_group)
         q = self.wq_b(c_q)[0].view(seq_len, batch, -1, self.head_dim)  # [T, B, hI_local, cI]
         cos, sin = self.rotary.cos_sin(positions)
         q = apply_interleaved_rope(q, cos[:, None, None], sin[:, None, None])
         weights = self.weights_proj(x)[0].float() * (self.head_dim**-0.5 * self.num_heads**-0.5)
         per_head = torch.einsum("tbhd,bnd->bthn", q.float(), keys.float()).relu()  # [B, T, hI_local, N]
         partial = torch.einsum("bthn,tbh->btn", per_head, weights)
-        total = tensor_parallel.reduce_from_tensor_model_parallel_region(partial, group=self.wq_b.tp_group)
+        total = reduce_from_tp_region(partial, self.wq_b.tp_group)
         return total.masked_fill(~visible, float("-inf"))
 
     def select(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

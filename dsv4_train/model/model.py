@@ -49,6 +49,7 @@ from dsv4_train.model.block import V4Block, rms_norm
 from dsv4_train.model.mhc import HyperHead
 from dsv4_train.model.module_list import ShardedModuleList  # keeps TP/EP sharding in checkpoints
 from dsv4_train.model.mtp import MTPLayer
+from dsv4_train.model.parallel_linear import ColumnParallelLinear
 from dsv4_train.parallel import context as cp_context
 from dsv4_train.runtime import cpu_compat
 
@@ -108,7 +109,7 @@ class DSV4Model(LanguageModule):
                 config=config, hc_mult=model_cfg.hc_mult, hc_eps=model_cfg.hc_eps, norm_eps=model_cfg.rms_norm_eps
             )
             self.norm = rms_norm(config, model_cfg)
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
+            self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 model_cfg.vocab_size,
                 config=config,

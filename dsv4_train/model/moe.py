@@ -30,7 +30,6 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
@@ -38,6 +37,7 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from dsv4_train.config.model import ModelConfig
 from dsv4_train.model.experts import BatchedSequentialMLP
+from dsv4_train.model.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from dsv4_train.model.router import HashRouter, ScoredRouter
 
 

