@@ -40,6 +40,7 @@ every query sees exactly the keys it sees unsplit; masks use global sequence ind
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -62,11 +63,13 @@ INDEXER_PHASES = ("dense", "warmup", "sparse")
 INDEXER_LOSS_NAME = "indexer_loss"
 
 
+@functools.lru_cache(maxsize=64)
 def window_mask(seq_len: int, window: int, device: torch.device, *, halo: int = 0, offset: int = 0) -> torch.Tensor:
     """Bool [T, halo + T]: query t may attend key j iff t - window < j <= t (window includes t itself).
 
     CP: queries are sequence indices offset..offset+T-1, keys the `halo` tokens before them then the
     queries' own tokens; keys before the sequence start (rank 0's halo) are never visible.
+    Cached (a pure function of its arguments, rebuilt by every layer otherwise): read-only.
     """
     t = torch.arange(seq_len, device=device) + offset
     j = torch.arange(-halo, seq_len, device=device) + offset
@@ -74,13 +77,14 @@ def window_mask(seq_len: int, window: int, device: torch.device, *, halo: int = 
     return (distance >= 0) & (distance < window) & (j >= 0)[None, :]
 
 
+@functools.lru_cache(maxsize=64)
 def compressed_visibility(
     seq_len: int, ratio: int, device: torch.device, *, offset: int = 0, num_entries: Optional[int] = None
 ) -> torch.Tensor:
     """Bool [T, N]: query t may see entry s iff s < floor((t + 1) / ratio) (block complete).
 
     CP: queries are sequence indices offset..offset+T-1 and N (default T // ratio) counts the
-    entries of the whole sequence.
+    entries of the whole sequence. Cached like `window_mask`: read-only.
     """
     t = torch.arange(seq_len, device=device) + offset
     s = torch.arange(seq_len // ratio if num_entries is None else num_entries, device=device)

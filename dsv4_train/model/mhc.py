@@ -61,13 +61,13 @@ class _SinkhornComb(torch.autograd.Function):
     normalisation broadcasts its sums over contiguous runs of M elements instead of runs of n; and
     eps is a 0-dim tensor (a Python float is re-wrapped into a tensor by every call).
 
-    Bitwise the same values and gradients as autograd through the loop (tests/model/
-    test_sinkhorn_autograd.py checks with torch.equal): every element sees the same IEEE operations
-    in the same order (a sum over n entries accumulates them in index order in either layout).
-    The backward replays autograd's formulas per step y = x / d, d = sum(x) + eps: DivBackward0
-    gives g / d to x and -g * ((x / d) / d), summed over the broadcast dim, to d; the eps add passes
-    it on and SumBackward expands it back onto x, where the two contributions are added
-    (a + (-b) == a - b and sum(-v) == -sum(v) exactly). Softmax uses torch's own backward kernel.
+    Forward: bitwise the values of the loop (tests/model/test_sinkhorn_autograd.py checks with
+    torch.equal): every element sees the same IEEE operations in the same order (a sum over n
+    entries accumulates them in index order in either layout). Backward: per step y = x / d,
+    d = sum(x) + eps, the exact gradient g_x = (g - sum(g * y)) / d (autograd's DivBackward +
+    SumBackward chain computes the same quantity as g / d - sum(g * (y / d)); the two differ only
+    in rounding, measured <= 2.5e-7 of the largest entry in fp32 after 39 steps). Softmax uses
+    torch's own backward kernel.
     """
 
     @staticmethod
@@ -102,7 +102,9 @@ class _SinkhornComb(torch.autograd.Function):
         dims = _sinkhorn_dims(ctx.iters)
         for k in range(len(dims) - 1, -1, -1):
             out, denom = steps[2 * k], steps[2 * k + 1]  # out = x / denom
-            grad = grad / denom - (grad * (out / denom)).sum(dim=dims[k], keepdim=True)
+            # d/dx of x / (sum(x) + eps): (g - sum(g * out)) / denom (denom is constant along
+            # the summed dim), 4 ops where autograd's g / d - sum(g * (out / d)) takes 5.
+            grad = (grad - (grad * out).sum(dim=dims[k], keepdim=True)).div_(denom)
         grad = grad.permute(2, 0, 1).reshape(probs.shape)
         return torch._softmax_backward_data(grad, probs, -1, probs.dtype), None, None
 
@@ -122,6 +124,9 @@ class HyperConnection(MegatronModule):
         self.fn = torch.nn.Parameter(torch.empty(mix, width, dtype=torch.float32))
         self.base = torch.nn.Parameter(torch.empty(mix, dtype=torch.float32))
         self.scale = torch.nn.Parameter(torch.empty(3, dtype=torch.float32))
+        # Column -> its group (0 pre, 1 post, 2 res) in the mixing output; not saved in checkpoints.
+        group = torch.tensor([0] * hc_mult + [1] * hc_mult + [2] * hc_mult * hc_mult)
+        self.register_buffer("_scale_group", group, persistent=False)
         _mark_sequence_parallel(self, config)
         self.reset_parameters()
 
@@ -142,12 +147,13 @@ class HyperConnection(MegatronModule):
         n = self.hc_mult
         flat = streams.flatten(-2).float()  # [s, b, n*d]
         mix = torch.nn.functional.linear(flat, self.fn.float()) * _weightless_rms_scale(flat, self.norm_eps)
-        pre_mix, post_mix, res_mix = mix.split([n, n, n * n], dim=-1)
-        pre_base, post_base, res_base = self.base.split([n, n, n * n])
-        pre = torch.sigmoid(pre_mix * self.scale[0] + pre_base) + self.hc_eps
-        post = 2.0 * torch.sigmoid(post_mix * self.scale[1] + post_base)
-        res = (res_mix * self.scale[2] + res_base).unflatten(-1, (n, n))
-        comb = sinkhorn_comb(res, iters=self.sinkhorn_iters, eps=self.hc_eps)
+        # The three groups' affine maps (pre, post, res) as one: scale[g] repeated over group g's
+        # columns gives exactly the per-group products, in a third of the (overhead-bound) ops.
+        logits = mix * self.scale.index_select(0, self._scale_group) + self.base  # [s, b, (2+n)n]
+        gates = torch.sigmoid(logits[..., : 2 * n])
+        pre = gates[..., :n] + self.hc_eps
+        post = gates[..., n:] * 2.0
+        comb = sinkhorn_comb(logits[..., 2 * n :].unflatten(-1, (n, n)), iters=self.sinkhorn_iters, eps=self.hc_eps)
         return pre, post, comb
 
     def pre(self, streams: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,9 +30,12 @@ def _reference_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.T
     ],
 )
 @pytest.mark.parametrize("spread", [1.0, 4.0])
-def test_fused_sinkhorn_is_bitwise_autograd(iters, n, dtype, shape, spread):
-    # Exact (torch.equal): the fused node applies the same IEEE operations in the same order to
-    # every element, forward and backward, so not even rounding may differ.
+def test_fused_sinkhorn_matches_autograd(iters, n, dtype, shape, spread):
+    # Forward exact (torch.equal): the fused node applies the same IEEE operations in the same order
+    # to every element. Backward: the same gradient formula, rearranged to one op fewer per step
+    # ((g - sum(g*y)) / d instead of g/d - sum(g*(y/d))), so only rounding may differ: a few ulps
+    # per step over 2*iters - 1 steps; bound 16 * eps(dtype) of the largest gradient entry
+    # (measured 2.4e-7 = 2 eps in fp32 at 20 iterations).
     gen = torch.Generator().manual_seed(iters * 10 + n)
     logits = (spread * torch.randn(*shape, n, n, generator=gen)).to(dtype)
     upstream = torch.randn(*shape, n, n, generator=gen).to(dtype)
@@ -43,7 +46,8 @@ def test_fused_sinkhorn_is_bitwise_autograd(iters, n, dtype, shape, spread):
     assert torch.equal(ours, ref)
     (ours * upstream).sum().backward()
     (ref * upstream).sum().backward()
-    assert torch.equal(ours_in.grad, ref_in.grad)
+    bound = 16 * torch.finfo(dtype).eps * ref_in.grad.abs().max().item()
+    assert (ours_in.grad - ref_in.grad).abs().max().item() <= bound
 
 
 def test_fused_sinkhorn_gradcheck():
