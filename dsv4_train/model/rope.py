@@ -101,9 +101,13 @@ def apply_interleaved_rope(
     """
     rope_dim = 2 * cos.shape[-1]
     nope, rope = x[..., :-rope_dim], x[..., -rope_dim:]
-    pairs = rope.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
+    # Each channel pair (2i, 2i+1) as one complex number times e^{+-i angle} (as the official code
+    # does): (re*cos - im*sin, re*sin + im*cos) in one complex multiply instead of ~10 real ops.
+    rotation = torch.complex(cos, sin)
     if inverse:
-        sin = -sin
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
-    return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+        rotation = rotation.conj()
+    pairs = rope.float()
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # a complex view needs even offsets/strides (e.g. odd head_dim)
+    rotated = torch.view_as_real(torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * rotation)
+    return torch.cat((nope, rotated.flatten(-2).to(x.dtype)), dim=-1)

@@ -98,3 +98,27 @@ def test_rotated_dot_products_depend_only_on_relative_position():
 def test_odd_rope_dim_is_rejected():
     with pytest.raises(ValueError, match="qk_rope_head_dim"):
         rope_inv_freq(rope_dim=7, base=10000.0, yarn=None)
+
+
+@pytest.mark.parametrize("layout", ["odd_offset", "transposed", "bf16"])
+def test_rotation_handles_any_layout(layout):
+    """The complex-multiply rotation needs even offsets/strides; other layouts fall back to a copy
+    and still give the real-arithmetic result (re*cos - im*sin, re*sin + im*cos)."""
+    gen = torch.Generator().manual_seed(2)
+    pass_through = 5 if layout == "odd_offset" else 4  # 5: the rotated channels start at an odd offset
+    x = torch.randn(6, 3, pass_through + 8, generator=gen)
+    if layout == "transposed":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # [6, 3, c] with non-contiguous strides
+    if layout == "bf16":
+        x = x.bfloat16()
+    rotary = InterleavedRotary(rope_dim=8, base=10000.0, yarn=None)
+    cos, sin = rotary.cos_sin(torch.arange(6) * 5)
+    y = apply_interleaved_rope(x, cos[:, None], sin[:, None])
+    pairs = x[..., pass_through:].float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None], sin[:, None]
+    expected = torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y[..., :pass_through], x[..., :pass_through], rtol=0, atol=0)
+    tol = 1e-6 if x.dtype == torch.float32 else 1e-2  # fp32 rounding / one bf16 rounding
+    torch.testing.assert_close(y[..., pass_through:].float(), expected.float(), rtol=tol, atol=tol)
