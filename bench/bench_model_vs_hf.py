@@ -1,9 +1,9 @@
 """Step time (forward + backward) of our tiny V4 vs transformers' DeepseekV4ForCausalLM on the same
 config and weights, on CPU with one thread. Prints medians over timed steps after warm-up.
 
-    OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 python bench/bench_model_vs_hf.py [--steps 30] [--warmup 5]
+    OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 python bench/bench_model_vs_hf.py [--rounds 3] [--block 10]
 
-Rows (the steps of all rows are interleaved, so machine drift hits them alike):
+Rows (timed in rounds of consecutive steps per model, so machine drift hits them alike):
 * transformers: `hf(ids, labels=ids).loss.backward()` in train mode, run WITHOUT our CPU
   compatibility layer's per-call hook (HF does not need it; this is its best case).
 * ours, same work: our model in eval mode (no MTP, no aux losses, like HF's forward) producing
@@ -32,22 +32,27 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def _interleaved_medians(steps: dict, count: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        for step in steps.values():
+def _medians_over_rounds(steps: dict, *, rounds: int, block: int, warmup: int) -> dict:
+    """Each round runs every step function `block` times in a row (as training runs consecutive
+    steps of one model); rounds alternate the models, so slow machine drift hits all of them.
+    Returns {name: (median, min)} over all timed steps."""
+    for step in steps.values():
+        for _ in range(warmup):
             step()
     times = {name: [] for name in steps}
-    for _ in range(count):
+    for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(t), min(t)) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--block", type=int, default=10, help="consecutive timed steps per model and round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print the top ops of one same-work step of ours")
     args = parser.parse_args()
@@ -79,12 +84,13 @@ def main() -> None:
         ours_train.zero_grad(set_to_none=True)
         ours_train(ids, labels=labels)[:, :-1].mean().backward()
 
-    results = _interleaved_medians(
-        {"hf": hf_step, "same": ours_same_work, "train": ours_training}, args.steps, args.warmup
+    results = _medians_over_rounds(
+        {"hf": hf_step, "same": ours_same_work, "train": ours_training},
+        rounds=args.rounds, block=args.block, warmup=args.warmup,
     )
     hf_s = results["hf"][0]
     print(f"config {case.name}: batch {ids.shape[0]} x seq {ids.shape[1]}, threads {torch.get_num_threads()}, "
-          f"{args.steps} interleaved steps after {args.warmup} warm-up")
+          f"{args.rounds} rounds x {args.block} consecutive steps per model after {args.warmup} warm-up")
     rows = [
         ("transformers DeepseekV4ForCausalLM", "hf"),
         ("ours, same work (LM loss only)", "same"),
