@@ -12,6 +12,7 @@ Formulas follow the official kernel order (spec §5.2, §13.1): `pre = sigmoid(.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Tuple
 
@@ -48,6 +49,13 @@ def _sinkhorn_dims(iters: int) -> Tuple[int, ...]:
     return (0,) + (1, 0) * (iters - 1)
 
 
+@functools.lru_cache(maxsize=16)
+def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0-dim eps in the dtype the Python float would be applied in (fp32 opmath for fp32/bf16/fp16);
+    cached, as building a tensor from a float costs as much as a small op. Read-only."""
+    return torch.tensor(eps, dtype=torch.promote_types(dtype, torch.float32), device=device)
+
+
 class _SinkhornComb(torch.autograd.Function):
     """Sinkhorn with the element-wise arithmetic of the plain autograd loop
 
@@ -73,8 +81,7 @@ class _SinkhornComb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, iters, eps):
         shape, n = logits.shape, logits.shape[-1]
-        # 0-dim eps in the dtype the Python float would be applied in (fp32 opmath for fp32/bf16/fp16).
-        eps = torch.tensor(eps, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+        eps = _eps_tensor(eps, logits.dtype, logits.device)
         probs = torch.softmax(logits, dim=-1)
         comb = (probs + eps).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
         saved = [probs]
@@ -150,7 +157,9 @@ class HyperConnection(MegatronModule):
         # The three groups' affine maps (pre, post, res) as one: scale[g] repeated over group g's
         # columns gives exactly the per-group products, in a third of the (overhead-bound) ops.
         logits = mix * self.scale.index_select(0, self._scale_group) + self.base  # [s, b, (2+n)n]
-        gates = torch.sigmoid(logits[..., : 2 * n])
+        # Contiguous copy: the sigmoid kernel takes another (vectorised) path on a strided slice,
+        # whose last-ulp rounding drifts further from the reference implementations.
+        gates = torch.sigmoid(logits[..., : 2 * n].contiguous())
         pre = gates[..., :n] + self.hc_eps
         post = gates[..., n:] * 2.0
         comb = sinkhorn_comb(logits[..., 2 * n :].unflatten(-1, (n, n)), iters=self.sinkhorn_iters, eps=self.hc_eps)
