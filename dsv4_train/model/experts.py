@@ -9,13 +9,15 @@ checkpoint layout (`local_experts.N.linear_fc1/fc2`, EP / expert-TP resharding u
 replaces only the forward:
 
     tokens (sorted by local expert by the dispatcher) -> zero-padded [experts, capacity, hidden]
-    -> bmm with the stacked fc1 weights -> clamped SwiGLU (V4 §7) -> x routing prob -> bmm with the
-    stacked fc2 weights -> the original token rows.
+    -> bmm with the stacked fc1 weights -> clamped SwiGLU (V4 §7) -> bmm with the stacked fc2
+    weights -> the original token rows -> x routing prob.
 
 The maths are `MLP.forward`'s on the unfused GLU path (the one V4's clamp takes): expert linears
 never communicate (Megatron's `explicit_expert_comm`; the dispatcher does), so each expert's
-output is its local fc2(glu(fc1(x))) * prob, and the padding rows (zero input, zero prob) are
-dropped. Stacking copies all local expert weights every step, which is cheap on CPU-sized models
+output is its local fc2(glu(fc1(x))) * prob, and the padding rows (zero input) are dropped. The
+prob multiplies the expert output as in the official code (`expert(x) * weight`); Megatron scales
+the intermediate before fc2 instead (equal by linearity; this order also tracks the transformers
+oracle more closely at large activations). Stacking copies all local expert weights every step, which is cheap on CPU-sized models
 and wrong for large GPU ones, hence `ModelConfig.moe_expert_compute` ("auto" = batched on CPU).
 """
 
@@ -71,7 +73,8 @@ class BatchedSequentialMLP(SequentialMLP):
             up = up + config.glu_linear_offset
         intermediate = config.activation_func(gate) * up  # [E, C, f]
 
-        probs = permuted_probs.new_zeros(num_experts * capacity).index_copy(0, rows, permuted_probs)
-        scaled = (intermediate * probs.view(num_experts, capacity, 1)).to(intermediate.dtype)
-        out = torch.bmm(scaled, fc2.transpose(1, 2))  # [E, C, d]
-        return out.reshape(num_experts * capacity, -1).index_select(0, rows), None
+        out = torch.bmm(intermediate, fc2.transpose(1, 2))  # [E, C, d]
+        out = out.reshape(num_experts * capacity, -1).index_select(0, rows)  # [tokens, d]
+        # The routing weight scales the expert's OUTPUT, as in the official code (and transformers);
+        # Megatron's MLP scales the intermediate before fc2: equal by linearity, rounded differently.
+        return (out * permuted_probs.unsqueeze(-1)).to(out.dtype), None
