@@ -41,6 +41,22 @@ def padded_row_index(tokens_per_expert: List[int], capacity: int, device) -> tor
 class BatchedSequentialMLP(SequentialMLP):
     """`SequentialMLP` whose forward runs all local experts as one padded batch (see module doc)."""
 
+    def forward_from_routing(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+        """All experts local (one EP and expert-TP rank): route, compute and combine without a
+        token dispatcher. hidden [T, d], probs [T, E] (zero off the routing map), routing_map
+        [T, E] bool -> [T, d].
+
+        Exactly what Megatron's dispatchers do on a single rank: tokens grouped expert-major (token
+        order kept within an expert), the experts' outputs scaled by the routing weight and
+        scatter-added back to their tokens in that order.
+        """
+        expert_major = routing_map.t()  # [E, T]
+        expert_idx, token_idx = expert_major.nonzero(as_tuple=True)  # sorted by expert, then token
+        tokens_per_expert = expert_major.sum(1)
+        permuted_probs = probs.t()[expert_idx, token_idx]
+        output, _ = self(hidden.index_select(0, token_idx), tokens_per_expert, permuted_probs)
+        return hidden.new_zeros(hidden.shape).index_add_(0, token_idx, output)
+
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
         """permuted_local_hidden_states [tokens, hidden] (grouped by local expert),

@@ -4,7 +4,8 @@ Megatron parts used as they are: `MoELayer` (token dispatcher, EP-ready), `Seque
 (or `BatchedSequentialMLP`, model/experts.py: same modules, batched forward) and `SharedExpertMLP` built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU
 clamp (config.activation_func_clamp_value) to routed and shared experts alike, and `TopKRouter` for
 scored layers. V4-specific: hash layers route with `HashRouter`, which needs the token ids; the
-layer passes them down (`forward(hidden, token_ids=...)`).
+layer passes them down (`forward(hidden, token_ids=...)`). On a single rank with the batched
+experts, the layer skips the token dispatcher (nothing to exchange; `_forward_single_rank`).
 
 Tensor parallelism without sequence parallelism: Megatron's `MoELayer` refuses it in training
 (its dispatchers treat the TP ranks' tokens as distinct), so the layer runs sequence-parallel
@@ -99,8 +100,11 @@ class V4MoELayer(MoELayer):
             if token_ids is None:
                 raise RuntimeError("hash-routed MoE layer called without token_ids")
             self.router.set_token_ids(self._split_like_hidden(token_ids, hidden_states))
-        output, bias = super().forward(hidden_states)
-        assert bias is None
+        if self._dispatch_free:
+            output = self._forward_single_rank(hidden_states)
+        else:
+            output, bias = super().forward(hidden_states)
+            assert bias is None
         if self.scatters_sequence:
             # [s/tp, b, d] -> [s, b, d] on every TP rank; backward keeps this rank's rows of the
             # (full, TP-identical) output gradient.
@@ -108,6 +112,32 @@ class V4MoELayer(MoELayer):
                 output, tensor_parallel_output_grad=False, group=self.attn_tp_group
             )
         return output
+
+    @property
+    def _dispatch_free(self) -> bool:
+        """One rank holds every expert whole and every token: nothing to dispatch (see
+        `_forward_single_rank`)."""
+        return (
+            isinstance(self.experts, BatchedSequentialMLP)
+            and self.ep_group.size() == 1
+            and self.experts.tp_group.size() == 1
+            and self.attn_tp_group.size() == 1
+            and not self.moe_layer_recompute
+            and self.config.moe_expert_capacity_factor is None
+            and not self.config.moe_latent_size
+            and not self.shared_expert_overlap
+        )
+
+    def _forward_single_rank(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`MoELayer.forward` without the token dispatcher: shared expert, router, then the batched
+        experts route and combine the tokens themselves (`forward_from_routing`). Same maths and
+        summation order as Megatron's single-rank dispatch; its bookkeeping (permutation maps,
+        identity collectives) cost ~0.4 ms per layer at CPU sizes."""
+        shared = self.shared_experts(hidden_states) if self.use_shared_expert else None
+        probs, routing_map = self.router(hidden_states)  # [T, E], [T, E]
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        output = self.experts.forward_from_routing(flat, probs, routing_map).view(hidden_states.shape)
+        return output + shared if shared is not None else output
 
     def _sum_partial_grads_over_tp(self) -> None:
         """Sum over TP the gradients of the parameters tagged `sequence_parallel` (the router gate).

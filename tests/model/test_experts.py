@@ -100,3 +100,38 @@ def test_model_config_selects_expert_path(megatron_world1):
     assert type(auto.layers[0].ffn.experts) is BatchedSequentialMLP
     # Same parameter names, so checkpoints are interchangeable.
     assert [n for n, _ in batched.named_parameters()] == [n for n, _ in sequential.named_parameters()]
+
+
+@pytest.mark.parametrize("layer_index", [0, 3], ids=["hash_routed", "scored"])
+def test_single_rank_moe_skips_dispatcher_with_same_result(megatron_world1, layer_index):
+    """On one rank the MoE layer routes and combines in the batched experts (no token dispatcher):
+    output and every gradient equal Megatron's dispatcher path (same ops in the same order;
+    tolerance 1e-6 of each tensor's max only guards against a different reduction blocking)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from v4_model_helpers import build_tiny, tokens
+
+    model = build_tiny().eval()
+    block = model.layers[min(layer_index, len(model.layers) - 1)]
+    moe = block.ffn
+    assert moe._dispatch_free
+    ids = tokens(model.model_cfg, batch=2, seq=32).t().contiguous()  # [s, b]
+    x = torch.randn(32, 2, model.model_cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    upstream = torch.randn(32, 2, model.model_cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+
+    def run(direct: bool):
+        moe.zero_grad(set_to_none=True)
+        inp = x.clone().requires_grad_(True)
+        if moe.hash_routed:
+            moe.router.set_token_ids(ids)
+        out = moe._forward_single_rank(inp) if direct else MoELayer.forward(moe, inp)[0]
+        out.backward(upstream)
+        return out.detach(), inp.grad, {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+
+    ref, got = run(direct=False), run(direct=True)
+    _close(ref[0], got[0], 1e-6)
+    _close(ref[1], got[1], 1e-6)
+    assert ref[2].keys() == got[2].keys() and len(ref[2]) > 3
+    for name, grad in ref[2].items():
+        if grad.abs().max() > 0:
+            _close(grad, got[2][name], 1e-6)
