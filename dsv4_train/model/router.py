@@ -1,6 +1,6 @@
 """V4 routers (spec §6-7).
 
-* Scored layers use Megatron-Core's `TopKRouter` unchanged: sqrtsoftplus scores, the expert bias
+* Scored layers use Megatron-Core's `TopKRouter` (only its fp32 gate call is made plain): sqrtsoftplus scores, the expert bias
   used for selection only, normalised top-k weights times `routed_scaling_factor`, the
   sequence-wise balance loss, and the `expert_bias` / `local_tokens_per_expert` buffers that
   Megatron's `finalize_model_grads` updates once per global batch.
@@ -19,7 +19,25 @@ import torch
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
 from megatron.core.transformer.moe.router import Router, TopKRouter
 
-ScoredRouter = TopKRouter  # scored V4 layers: Megatron's router as is
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+class _PlainGatingWhenSameDtype:
+    """Mixin for Megatron routers: when input and gate weight are already in the router dtype
+    (fp32 runs), the gate is a plain `F.linear`. Megatron's `RouterGatingLinearFunction` computes
+    the same `torch.mm` inside a custom autograd Function, whose point is to avoid saving fp32
+    copies of bf16 inputs; with fp32 inputs there is nothing to save, only ~60 us of Python per
+    call. Mixed precision keeps Megatron's path."""
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        if self.bias is None and input.dtype == router_dtype and self.weight.dtype == router_dtype:
+            return torch.nn.functional.linear(input, self.weight)
+        return super().gating(input)
+
+
+class ScoredRouter(_PlainGatingWhenSameDtype, TopKRouter):
+    """Scored V4 layers: Megatron's `TopKRouter` (gate fast path above)."""
 
 
 def build_hash_table(*, vocab_size: int, num_experts: int, topk: int, seed: int) -> torch.Tensor:
@@ -43,7 +61,7 @@ def build_hash_table(*, vocab_size: int, num_experts: int, topk: int, seed: int)
     return expert_perm[slots].to(torch.int64)
 
 
-class HashRouter(Router):
+class HashRouter(_PlainGatingWhenSameDtype, Router):
     """Router whose expert choice is `tid2eid[token_id]`; only the combine weights are learned.
 
     The MoE layer hands the token ids ([s, b], same layout and split as the hidden states) to

@@ -34,5 +34,8 @@ gathered.backward((rank + 1) * g)
 start = sum(sizes[:rank])
 total = sum(r + 1 for r in range(world))
 assert torch.equal(x.grad, total * g[start : start + sizes[rank]]), (x.grad, g)
+# Both ranks past their last collective before tearing gloo down (a rank that destroys its group
+# while the peer's reduce-scatter is still draining can abort the peer at exit: seen once in CI).
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 print(f"rank {rank} ok", flush=True)
