@@ -54,7 +54,12 @@ from dsv4_train.config.model import ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelCon
 from dsv4_train.model import aux_losses
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.indexer import LightningIndexer, _without_sequence_parallel, indexer_kl_loss
-from dsv4_train.model.parallel_linear import ColumnParallelLinear, RowParallelLinear, copy_to_tp_region, reduce_from_tp_region
+from dsv4_train.model.parallel_linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tp_region,
+    reduce_from_tp_region,
+)
 from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
 from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary
 from dsv4_train.parallel import context as cp_context

@@ -16,9 +16,9 @@ The maths are `MLP.forward`'s on the unfused GLU path (the one V4's clamp takes)
 never communicate (Megatron's `explicit_expert_comm`; the dispatcher does), so each expert's
 output is its local fc2(glu(fc1(x))) * prob, and the padding rows (zero input) are dropped. The
 prob multiplies the expert output as in the official code (`expert(x) * weight`); Megatron scales
-the intermediate before fc2 instead (equal by linearity; this order also tracks the transformers
-oracle more closely at large activations). Stacking copies all local expert weights every step, which is cheap on CPU-sized models
-and wrong for large GPU ones, hence `ModelConfig.moe_expert_compute` ("auto" = batched on CPU).
+the intermediate before fc2 instead (equal by linearity, rounded differently). Stacking copies all
+local expert weights every step, which is cheap on CPU-sized models and wrong for large GPU ones,
+hence `ModelConfig.moe_expert_compute` ("auto" = batched on CPU).
 """
 
 from __future__ import annotations
@@ -41,22 +41,6 @@ def padded_row_index(tokens_per_expert: List[int], capacity: int, device) -> tor
 class BatchedSequentialMLP(SequentialMLP):
     """`SequentialMLP` whose forward runs all local experts as one padded batch (see module doc)."""
 
-    def forward_from_routing(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
-        """All experts local (one EP and expert-TP rank): route, compute and combine without a
-        token dispatcher. hidden [T, d], probs [T, E] (zero off the routing map), routing_map
-        [T, E] bool -> [T, d].
-
-        Exactly what Megatron's dispatchers do on a single rank: tokens grouped expert-major (token
-        order kept within an expert), the experts' outputs scaled by the routing weight and
-        scatter-added back to their tokens in that order.
-        """
-        expert_major = routing_map.t()  # [E, T]
-        expert_idx, token_idx = expert_major.nonzero(as_tuple=True)  # sorted by expert, then token
-        tokens_per_expert = expert_major.sum(1)
-        permuted_probs = probs.t()[expert_idx, token_idx]
-        output, _ = self(hidden.index_select(0, token_idx), tokens_per_expert, permuted_probs)
-        return hidden.new_zeros(hidden.shape).index_add_(0, token_idx, output)
-
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor):
         """permuted_local_hidden_states [tokens, hidden] (grouped by local expert),
@@ -66,7 +50,7 @@ class BatchedSequentialMLP(SequentialMLP):
             "BatchedSequentialMLP implements the bias-free, unquantised path V4 uses")
         assert config.gated_linear_unit and not config.use_te_activation_func and not config.bias_activation_fusion
         hidden = permuted_local_hidden_states
-        counts = [int(c) for c in tokens_per_expert.tolist()]
+        counts = tokens_per_expert.tolist()
         num_experts, num_tokens = len(counts), hidden.shape[0]
         capacity = max(counts) if counts else 0
         if num_tokens == 0 or capacity == 0:

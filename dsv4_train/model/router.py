@@ -1,9 +1,10 @@
 """V4 routers (spec §6-7).
 
-* Scored layers use Megatron-Core's `TopKRouter` (only its fp32 gate call is made plain): sqrtsoftplus scores, the expert bias
-  used for selection only, normalised top-k weights times `routed_scaling_factor`, the
-  sequence-wise balance loss, and the `expert_bias` / `local_tokens_per_expert` buffers that
-  Megatron's `finalize_model_grads` updates once per global batch.
+* Scored layers use Megatron-Core's `TopKRouter` (only its same-dtype gate call is made plain):
+  sqrtsoftplus scores, the expert bias used for selection only, normalised top-k weights times
+  `routed_scaling_factor`, the sequence-wise balance loss, and the `expert_bias` /
+  `local_tokens_per_expert` buffers that Megatron's `finalize_model_grads` updates once per global
+  batch.
 * Hash layers (the first `num_hash_layers`) need what Megatron lacks: experts chosen by a fixed
   `tid2eid[token_id]` table. `HashRouter` keeps Megatron's `Router` gate (learned weight, fp32
   gating) and reuses `topk_routing_with_score_function(precomputed_indices=...)` for the weights.
@@ -31,8 +32,10 @@ class _PlainGatingWhenSameDtype:
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
-        if self.bias is None and input.dtype == router_dtype and self.weight.dtype == router_dtype:
-            return torch.nn.functional.linear(input, self.weight)
+        weight = self.weight
+        if (self.bias is None and input.dtype == router_dtype and weight.dtype == router_dtype
+                and weight.device == input.device):  # else Megatron's (it also moves a CPU weight)
+            return torch.nn.functional.linear(input, weight)
         return super().gating(input)
 
 

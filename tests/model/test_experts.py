@@ -114,7 +114,7 @@ def test_single_rank_moe_skips_dispatcher_with_same_result(megatron_world1, laye
     model = build_tiny().eval()
     block = model.layers[min(layer_index, len(model.layers) - 1)]
     moe = block.ffn
-    assert moe._dispatch_free
+    assert moe.dispatch_free
     ids = tokens(model.model_cfg, batch=2, seq=32).t().contiguous()  # [s, b]
     x = torch.randn(32, 2, model.model_cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     upstream = torch.randn(32, 2, model.model_cfg.hidden_size, generator=torch.Generator().manual_seed(4))
