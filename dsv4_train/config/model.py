@@ -14,6 +14,7 @@ from typing import List
 
 ATTENTION_MODE_BY_RATIO = {0: "sliding_window", 4: "csa"}  # any other ratio > 0 is HCA
 CSA_RATIO = 4
+ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "flex")
 
 
 @dataclass
@@ -55,6 +56,13 @@ class ModelConfig:
     # "warmup": dense attention, indexer trained with dense KL; "sparse": top-k attention, sparse KL.
     indexer_phase: str = "sparse"
     indexer_loss_coeff: float = 1.0
+    # Core attention implementation (same maths and parameters): "dense" = masked [T, T+N] scores
+    # (the test reference), "blockwise" = exact query-block attention with gathered top-k entries
+    # and a recomputing backward (linear memory, model/sparse_attention.py), "flex" = torch
+    # FlexAttention block masks (needs CUDA to train; CSA's sparse phase uses the gather path),
+    # "auto" = flex on CUDA, blockwise otherwise.
+    attention_backend: str = "auto"
+    attention_block_size: int = 0  # queries per block of the blockwise path; 0 = automatic
     # mHC hyper-connections.
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from dsv4_train.config.derive import parse_layout
+from dsv4_train.config.model import ATTENTION_BACKENDS
 
 PRECISIONS = ("fp32", "bf16")
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -96,6 +97,9 @@ def check_model(m, problems: List[str]) -> None:
     _one_of(problems, "model.indexer_phase", m.indexer_phase, INDEXER_PHASES)
     _one_of(problems, "model.score_function", m.score_function, SCORE_FUNCTIONS)
     _one_of(problems, "model.moe_expert_compute", m.moe_expert_compute, EXPERT_COMPUTE)
+    _one_of(problems, "model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
+    if m.attention_block_size < 0:
+        problems.append(f"model.attention_block_size={m.attention_block_size} must be >= 0 (0 = automatic).")
     if not (0.0 <= m.mtp_loss_weight and 0.0 <= m.mtp_loss_weight_after_decay):
         problems.append("model.mtp_loss_weight and model.mtp_loss_weight_after_decay must be >= 0.")
 
@@ -339,6 +343,19 @@ def check_io(cfg, problems: List[str]) -> None:
         problems.append("checkpoint.load is empty; use auto, none or a checkpoint directory.")
     if not r.dir:
         problems.append("run.dir is empty; give the run an output directory.")
+    if cfg.model.attention_backend == "flex" and not r.plan_only and not _cuda_training(r.device):
+        problems.append(
+            "model.attention_backend=flex needs CUDA to train (torch has no FlexAttention backward on "
+            "CPU); use model.attention_backend=auto (blockwise on CPU: exact, linear memory) or blockwise."
+        )
+
+
+def _cuda_training(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch  # only when a run is about to start (plans stay torch-free)
+
+    return torch.cuda.is_available()
 
 
 def validate(cfg, *, world_size: Optional[int] = None) -> None:

@@ -25,9 +25,13 @@ the replicated weights receive the sum of every rank's gradient (identical on al
 once at entry (backward: split, since the gradients reaching it are already complete) and `wo_b`
 reduce-scatters the output.
 
-Core attention is a dense masked implementation (keys = window KV of all T tokens + the N
-compressed entries, a [T, T+N] visibility mask, the sink as an extra logit column): fine for
-training at small/medium sizes; it keeps one [B, H, T, T+N] probability tensor for backward.
+Core attention (`model.attention_backend`): "dense" is the masked reference (keys = window KV of
+all T tokens + the N compressed entries, a [T, T+N] visibility mask, the sink as an extra logit
+column; it keeps one [B, H, T, T+N] probability tensor for backward). "blockwise" (model/
+sparse_attention.py) computes the same softmax per query block over only the keys each block may
+see, with the CSA top-k entries gathered per query and a backward that recomputes each block from
+the log-sum-exp; the indexer selects and computes its KL loss block by block too (linear memory).
+"flex" runs the window + compressed part as one FlexAttention call (model/flex_attention.py).
 Masks use sequence indices; `position_ids` only drives RoPE (a contiguous chunk whose first token
 starts a compression block).
 
@@ -50,10 +54,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
-from dsv4_train.config.model import ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelConfig
+from dsv4_train.config.model import ATTENTION_BACKENDS, ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelConfig
 from dsv4_train.model import aux_losses
 from dsv4_train.model.compressor import Compressor
-from dsv4_train.model.indexer import LightningIndexer, _without_sequence_parallel, indexer_kl_loss
+from dsv4_train.model.flex_attention import available as flex_available
+from dsv4_train.model.flex_attention import flex_joint_attention
+from dsv4_train.model.indexer import LightningIndexer, MainAttention, _without_sequence_parallel, indexer_kl_loss
 from dsv4_train.model.parallel_linear import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -62,6 +68,7 @@ from dsv4_train.model.parallel_linear import (
 )
 from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
 from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary
+from dsv4_train.model.sparse_attention import KeyLayout, blockwise_attention
 from dsv4_train.parallel import context as cp_context
 
 INDEXER_PHASES = ("dense", "warmup", "sparse")
@@ -119,6 +126,15 @@ def joint_softmax_attention(
     return out.view(batch, heads, seq_len, dim), probs
 
 
+def resolve_backend(choice: str) -> str:
+    """model.attention_backend -> "dense" | "blockwise" | "flex" ("auto": flex on CUDA)."""
+    if choice == "auto":
+        return "flex" if torch.cuda.is_available() and flex_available() else "blockwise"
+    if choice not in ATTENTION_BACKENDS:
+        raise ValueError(f"model.attention_backend={choice!r} is not one of {ATTENTION_BACKENDS}.")
+    return choice
+
+
 class HybridAttention(MegatronModule):
     """V4 attention of main layer / MTP layer `layer_index` (index into `model_cfg.compress_ratios`)."""
 
@@ -138,6 +154,7 @@ class HybridAttention(MegatronModule):
         self.eps = model_cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5  # no YaRN mscale (spec §8)
         self.rotary = layer_rotary(model_cfg, layer_index)
+        self.backend = resolve_backend(model_cfg.attention_backend)
         hidden, dtype = model_cfg.hidden_size, config.params_dtype
         col_config = _without_sequence_parallel(config)
 
@@ -215,28 +232,46 @@ class HybridAttention(MegatronModule):
             halo = cp_context.previous_rows(x, cp)  # [h, B, hidden]
             halo_cos, halo_sin = self.rotary.cos_sin(cp.halo_positions.to(x.device))
             kv = torch.cat((self._window_kv(halo, halo_cos, halo_sin), kv), dim=1)  # [B, h + T, c]
-            allowed = window_mask(seq_len, self.window, x.device, halo=cp.halo, offset=cp.offset)  # [T, h+T]
             if cp.rank > 0:
                 previous = halo[halo.shape[0] - CSA_RATIO :]  # the block before ours (overlapping compressors)
-        else:
-            allowed = window_mask(seq_len, self.window, x.device)  # [T, T]
-        num_window_keys = kv.shape[1]
+        layout = KeyLayout(self.window, halo=cp.halo if cp else 0, offset=cp.offset if cp else 0, ratio=self.ratio)
 
-        scores = support = None
+        compressed = None
         if self.compressor is not None:
             compressed = self.compressor(x, positions, previous=previous)  # [B, N, c]
             if cp is not None:
                 compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
-            compressed = copy_to_tp_region(compressed, self.wq_b.tp_group)
+            compressed = copy_to_tp_region(compressed, self.wq_b.tp_group).to(kv.dtype)
+
+        inputs = (x, c_q, q, kv, compressed, positions, previous, layout, cp)
+        if self.backend == "dense":
+            out, indexer_loss = self._dense_core(*inputs)
+        else:
+            out, indexer_loss = self._sparse_core(*inputs)
+
+        out = apply_interleaved_rope(out.permute(2, 0, 1, 3), cos[:, None, None], sin[:, None, None], inverse=True)
+        output = self.wo_b(self._grouped_output(out))[0]  # [s, b, hidden]
+        if indexer_loss is not None:
+            output = aux_losses.attach(output, indexer_loss, name=INDEXER_LOSS_NAME)
+        return output
+
+    # ------------------------------------------------------------------------------------------
+    def _dense_core(self, x, c_q, q, kv, compressed, positions, previous, layout, cp):
+        """Reference: one [B, H, T, T+N] masked score tensor (kept for backward)."""
+        seq_len, batch = x.shape[:2]
+        allowed = window_mask(seq_len, self.window, x.device, halo=layout.halo, offset=layout.offset)  # [T, h+T]
+        num_window_keys = kv.shape[1]
+        scores = support = None
+        if compressed is not None:
             visible = compressed_visibility(  # [T, N]
-                seq_len, self.ratio, x.device, offset=cp.offset if cp else 0, num_entries=compressed.shape[1]
+                seq_len, self.ratio, x.device, offset=layout.offset, num_entries=compressed.shape[1]
             )
             support = visible
             if self.indexer is not None and self._phase() != "dense":
                 scores = self.indexer.scores(x, c_q, positions, visible, previous=previous, cp=cp)  # [B, T, N]
                 if self._phase() == "sparse":
                     support = self.indexer.select(scores, visible)
-            kv = torch.cat((kv, compressed.to(kv.dtype)), dim=1)
+            kv = torch.cat((kv, compressed), dim=1)
             if support.dim() == 3:
                 allowed = torch.cat((allowed.expand(batch, -1, -1), support), dim=-1)
             else:
@@ -252,12 +287,31 @@ class HybridAttention(MegatronModule):
             support_full = support if support.dim() == 3 else support.expand(batch, -1, -1)
             # Under CP: this rank's share (its rows over the CP-global row count).
             indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full, cp=cp)
+        return out, indexer_loss
 
-        out = apply_interleaved_rope(out.permute(2, 0, 1, 3), cos[:, None, None], sin[:, None, None], inverse=True)
-        output = self.wo_b(self._grouped_output(out))[0]  # [s, b, hidden]
-        if indexer_loss is not None:
-            output = aux_losses.attach(output, indexer_loss, name=INDEXER_LOSS_NAME)
-        return output
+    def _sparse_core(self, x, c_q, q, kv, compressed, positions, previous, layout, cp):
+        """Blockwise / flex: nothing of size T x T (or T x N x heads) is kept; same results."""
+        block = self.model_cfg.attention_block_size
+        use_indexer = self.indexer is not None and self._phase() != "dense"
+        keys = topk = None
+        if use_indexer:
+            keys = self.indexer.keys(x, positions, previous, cp)  # [B, N, cI]
+            if self._phase() == "sparse":
+                topk = self.indexer.select_topk(x, c_q, positions, keys, layout, block)  # [B, T, k]
+        q = q.contiguous()
+        if self.backend == "flex" and topk is None:
+            out, lse = flex_joint_attention(q, kv, compressed, self.attn_sink, self.scale, layout)
+        else:
+            out, lse = blockwise_attention(
+                q, kv, compressed, self.attn_sink, self.scale, layout, topk=topk, block_size=block
+            )
+        indexer_loss = None
+        if use_indexer and self.training and torch.is_grad_enabled():
+            main = MainAttention(q, compressed, lse, self.scale)
+            indexer_loss = self.model_cfg.indexer_loss_coeff * self.indexer.kl_loss_blockwise(
+                x, c_q, positions, keys, main, layout, topk, cp=cp, block_size=block
+            )
+        return out, indexer_loss
 
     # ------------------------------------------------------------------------------------------
     def _window_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

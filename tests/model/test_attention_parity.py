@@ -32,9 +32,14 @@ def _input(seed):
     return torch.randn(BATCH, SEQ, 64, generator=torch.Generator().manual_seed(seed))
 
 
+# The dense reference and the blockwise path (blocks of 16 queries: several block boundaries).
+BACKENDS = {"dense": {"attention_backend": "dense"}, "blockwise": {"attention_backend": "blockwise", "attention_block_size": 16}}
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("layer_index,mode", [(0, "sliding_window"), (1, "csa"), (2, "hca")])
-def test_forward_and_gradients_match_hf(build_attention, layer_index, mode):
-    cfg, hf_cfg, hf_attn, ours = _pair(build_attention, layer_index, seed=10 + layer_index)
+def test_forward_and_gradients_match_hf(build_attention, layer_index, mode, backend):
+    cfg, hf_cfg, hf_attn, ours = _pair(build_attention, layer_index, seed=10 + layer_index, **BACKENDS[backend])
     assert ours.mode == mode
     x = _input(100 + layer_index)
     x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()

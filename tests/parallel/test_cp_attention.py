@@ -1,12 +1,14 @@
 """Context-parallel HybridAttention against the unsplit module, in a gloo world of 2 processes.
 
-Each rank builds the same attention (same seed), runs the full 64-token sequence unsplit (the
-reference) and its contiguous 32-token slice with a `ContextParallelSlice`; outputs, the input
+Each rank builds the same attention (same seed), runs the full 64-token sequence unsplit with the
+dense backend (the reference) and its contiguous 32-token slice with each backend with a `ContextParallelSlice`; outputs, the input
 gradient, the parameter gradients (summed over CP, as DDP does up to its 1/cp average) and the
 indexer KL loss (ranks' shares summed) must match. Tiny config, window 8, CSA ratio 4 with top-4,
 HCA ratio 16: the window, the CSA overlap block and the top-k all cross the split.
 """
 
+import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -23,6 +25,9 @@ SEQ, BATCH, HIDDEN = 64, 2, 64
 # (those move values by >1e-3).
 RTOL = 1e-5
 CASES = [(0, "sparse"), (1, "sparse"), (1, "warmup"), (2, "sparse"), (5, "sparse")]  # 5 = the MTP layer
+# The reference is always the unsplit DENSE module; the CP slice runs each backend (blockwise with
+# blocks of 8 queries, so blocks, the halo and the top-k all cross the split).
+BACKENDS = ("dense", "blockwise")
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,8 +53,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     local = SEQ // world
     rows = slice(rank * local, (rank + 1) * local)
     results = {}
-    for layer_index, phase in CASES:
-        cfg = tiny_model_config(init_std=0.2, indexer_phase=phase)
+    for (layer_index, phase), backend in itertools.product(CASES, BACKENDS):
+        ref_cfg = tiny_model_config(init_std=0.2, indexer_phase=phase, attention_backend="dense")
+        cfg = dataclasses.replace(ref_cfg, attention_backend=backend, attention_block_size=8)
+        torch.manual_seed(0)
+        reference = HybridAttention(config=transformer_config_for(ref_cfg), model_cfg=ref_cfg, layer_index=layer_index)
         torch.manual_seed(0)
         module = HybridAttention(config=transformer_config_for(cfg), model_cfg=cfg, layer_index=layer_index)
         gen = torch.Generator().manual_seed(1)
@@ -58,11 +66,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         # Reference: the unsplit sequence.
         full_x = x.clone().requires_grad_(True)
-        full_out = module(full_x)
+        full_out = reference(full_x)
         (full_out * weight).sum().backward()
-        full_grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        full_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
         full_aux = aux_losses.drain()
-        module.zero_grad(set_to_none=True)
 
         # This rank's contiguous slice.
         part_x = x[rows].clone().requires_grad_(True)
@@ -71,7 +78,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         part_out = module(part_x, position_ids=positions, cp=cp)
         (part_out * weight[rows]).sum().backward()
         part_aux = aux_losses.drain()
-        case = f"layer{layer_index}-{phase}"
+        case = f"{backend}-layer{layer_index}-{phase}"
         results[f"{case}/out"] = _relative(part_out.detach(), full_out.detach()[rows])
         results[f"{case}/dx"] = _relative(part_x.grad, full_x.grad[rows])
         assert set(full_grads) == {n for n, p in module.named_parameters() if p.grad is not None}, case
