@@ -22,6 +22,7 @@ of every rank's heads. Hadamard rotation and FP4 fake-quantisation of the offici
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -34,7 +35,8 @@ from dsv4_train.model import sparse_attention
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.parallel_linear import ColumnParallelLinear, copy_to_tp_region, reduce_from_tp_region
 from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope
-from dsv4_train.model.sparse_attention import KeyLayout, auto_block_size
+from dsv4_train.model.blocking import auto_block_size, indexer_block_elements
+from dsv4_train.model.sparse_attention import KeyLayout
 from dsv4_train.parallel.context import gather_entries, sum_over
 
 
@@ -152,7 +154,9 @@ class LightningIndexer(MegatronModule):
         if block_size > 0:
             return block_size
         local_heads = self.weights_proj.weight.shape[0]
-        return auto_block_size(batch, local_heads, max(1, num_entries))
+        return auto_block_size(
+            functools.partial(indexer_block_elements, batch=batch, heads=local_heads, entries=num_entries)
+        )
 
     def select_topk(
         self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,

@@ -22,15 +22,15 @@ global sequence positions (`KeyLayout`), so a context-parallel slice sees exactl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
+from dsv4_train.model.blocking import attention_block_elements, auto_block_size
+
 NEG_INF = float("-inf")
-# Elements of one block's fp32 score tensor [B, H, block, keys] when the block size is automatic.
-SCORE_ELEMENTS_PER_BLOCK = 1 << 22
-MAX_AUTO_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,6 @@ class KeyLayout:
         """Bool [t1 - t0, count]: entry s visible to query t."""
         limit = (torch.arange(t0, t1, device=device) + self.offset + 1) // self.ratio
         return torch.arange(count, device=device)[None, :] < limit[:, None]
-
-
-def auto_block_size(batch: int, heads: int, keys_per_query: int) -> int:
-    """Largest power-of-two query block whose fp32 scores stay within SCORE_ELEMENTS_PER_BLOCK."""
-    budget = max(1, SCORE_ELEMENTS_PER_BLOCK // max(1, batch * heads * keys_per_query))
-    block = 16
-    while block * 2 <= min(budget, MAX_AUTO_BLOCK):
-        block *= 2
-    return block
 
 
 def gather_entries(entries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -272,8 +263,15 @@ def blockwise_attention(
     if compressed is not None and compressed.shape[1] == 0:
         compressed, topk = None, None
     if block_size <= 0:
-        per_query = layout.window
-        if compressed is not None:
-            per_query += topk.shape[-1] if topk is not None else layout.entries_visible(seq_len, compressed.shape[1])
-        block_size = auto_block_size(batch, heads, per_query)
+        entries = gathered = 0
+        if compressed is not None and topk is not None:
+            gathered = topk.shape[-1]
+        elif compressed is not None:
+            entries = layout.entries_visible(seq_len, compressed.shape[1])
+        block_size = auto_block_size(
+            functools.partial(
+                attention_block_elements, batch=batch, heads=heads, window=layout.window, entries=entries,
+                gathered=gathered, dim=q.shape[-1],
+            )
+        )
     return _BlockSparseAttention.apply(q, window_kv, compressed, sink, topk, layout, scale, block_size)

@@ -21,11 +21,16 @@ interleaved. A fixed allowance covers the CUDA context, NCCL buffers and fragmen
 
 from __future__ import annotations
 
+import functools
+
 from dsv4_train.config.model import CSA_RATIO
+from dsv4_train.model.blocking import attention_block_elements, auto_block_size, indexer_block_elements
 from dsv4_train.plan.params import count_params
 
 GIB = 1024**3
 OVERHEAD_BYTES = 5 * GIB  # CUDA context + NCCL + allocator fragmentation (assumption)
+WORKING_COPIES = 6  # score-sized tensors alive at once in a block's backward (measured: scores, probs, dP, dS, temporaries)
+INDEXER_WORKING_COPIES = 3  # per-head index scores, their ReLU and its gradient
 
 
 def bytes_per_param(precision: str) -> dict:
@@ -131,3 +136,59 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
             }
         )
     return out
+
+
+def attention_kept_per_token(m, *, ratio: int, tp: int, backend: str, seq_length: int, act_bytes: int) -> float:
+    """Elements (of act_bytes each) one attention sub-layer keeps for backward per token on one TP rank.
+
+    Mirrors what model/attention.py keeps: the q path (q_a, q_norm, up-projection, per-head norm,
+    RoPE, the core's q and output, the grouped output), the shared KV, the compressors' block values
+    and gates, the indexer's compressor and the CSA top-k indices (int32); with the dense backend
+    also the [H, T, T + N] fp32 probabilities (quadratic in the sequence length).
+    """
+    heads, c, r = m.num_attention_heads / tp, m.head_dim, m.qk_rope_head_dim
+    kept = 4 * heads * c + 2 * m.q_lora_rank + 5 * c + m.o_groups * m.o_lora_rank / tp + 6 * r + 2 * heads + 2
+    if ratio > 0:
+        overlap = 2 if ratio == CSA_RATIO else 1
+        kept += 2 * overlap * c + 3 * c / ratio  # block values + gate logits, entries
+    if ratio == CSA_RATIO and m.indexer_phase != "dense":
+        kept += 4 * m.index_head_dim + 3 * m.index_head_dim / ratio
+        if m.indexer_phase == "sparse":
+            kept += m.index_topk * 4 / act_bytes  # int32 indices
+    if backend == "dense":
+        keys = seq_length + (seq_length // ratio if ratio else 0)
+        kept += heads * keys * 4 / act_bytes
+    return kept
+
+
+def attention_working_bytes(m, *, ratio: int, tp: int, backend: str, seq_length: int, micro_batch: int) -> float:
+    """Transient bytes of one attention sub-layer's backward (freed when it ends): the gradients the
+    core produces beyond the inputs already freed (measured: half of one fp32 [H, T, c] tensor at the
+    peak) plus the largest block working set (scores, probabilities and their gradients, gathered
+    entries) of the core or of the indexer; dense: 3 score-sized tensors."""
+    heads, c = m.num_attention_heads / tp, m.head_dim
+    b, t = micro_batch, seq_length
+    grads = 2 * b * t * heads * c
+    if backend == "dense":
+        keys = t + (t // ratio if ratio else 0)
+        return grads + 3 * 4 * b * heads * t * (keys + 1)
+    sparse = ratio == CSA_RATIO and m.indexer_phase == "sparse"
+    shape = dict(
+        batch=b, heads=int(heads), window=m.sliding_window, dim=c,
+        entries=0 if sparse or not ratio else t // ratio, gathered=m.index_topk if sparse else 0,
+    )
+    block = min(t, m.attention_block_size or auto_block_size(functools.partial(attention_block_elements, **shape)))
+    working = WORKING_COPIES * attention_block_elements(block, **shape) * 4
+    if ratio == CSA_RATIO and m.indexer_phase != "dense":
+        shape = dict(batch=b, heads=int(m.index_n_heads / tp), entries=t // ratio)
+        block = min(t, m.attention_block_size or auto_block_size(functools.partial(indexer_block_elements, **shape)))
+        working = max(working, INDEXER_WORKING_COPIES * indexer_block_elements(block, **shape) * 4)
+    return grads + working
+
+
+def attention_layer_bytes(m, *, ratio: int, seq_length: int, micro_batch: int, backend: str, act_bytes: int, tp: int = 1) -> float:
+    """Peak bytes of one attention sub-layer's forward + backward (what `bench/bench_attention_scaling.py`
+    measures): everything kept for backward plus the backward's working set."""
+    kept = attention_kept_per_token(m, ratio=ratio, tp=tp, backend=backend, seq_length=seq_length, act_bytes=act_bytes)
+    working = attention_working_bytes(m, ratio=ratio, tp=tp, backend=backend, seq_length=seq_length, micro_batch=micro_batch)
+    return kept * act_bytes * micro_batch * seq_length + working
