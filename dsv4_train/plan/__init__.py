@@ -14,7 +14,7 @@ from typing import Optional
 from dsv4_train.config.derive import derive
 from dsv4_train.config.validate import RECOMPUTE_MODES, validate
 from dsv4_train.plan.flops import flops_per_token
-from dsv4_train.plan.memory import GIB, rank_memory
+from dsv4_train.plan.memory import GIB, plan_backend, rank_memory
 from dsv4_train.plan.params import count_params
 
 GPU_MEMORY_GIB = 80 * 1000**3 / GIB  # an "80 GB" GPU (H100/A100), in GiB
@@ -88,7 +88,9 @@ def make_plan(
             + ("fp32 master + Adam moments" if t.precision == "bf16" else "fp32 Adam moments")
             + (" sharded by the distributed optimizer over dp*cp (dense) / expert-dp (experts)"
                if p.distributed_optimizer else " replicated (no distributed optimizer)")
-            + "; fused attention (no s^2 scores); 1F1B in-flight micro-batches; 5 GiB overhead"
+            + ("; dense attention (keeps [H, s, s+N] fp32 scores)" if plan_backend(m) == "dense"
+               else "; blockwise/flex attention (linear in s, one query block's scores at a time)")
+            + "; 1F1B in-flight micro-batches; 5 GiB overhead"
         ),
         "memory_per_rank": memory,
         "recompute": recompute,

@@ -9,10 +9,13 @@ by the pipeline layout.
 
 Activations (bytes per micro-batch, per rank) are an estimate of the tensors autograd keeps for a
 V4 block, per token: the mHC residual streams (n_hc * d) and collapsed inputs of both sub-layers;
-the attention latents (q_lora, q heads, shared KV, attention output, grouped o_lora); compressor
-and indexer projections; the router logits and, per routed copy, the dispatched input, fc1 output
-and SwiGLU output. Attention uses a fused kernel (no s x s scores are kept). Everything is divided
-by TP when sequence parallel is on (and only the head-split parts otherwise) and by CP. Recompute
+what the attention sub-layer keeps with the configured backend (`attention_kept_per_token`: linear
+in the sequence for blockwise/flex, plus the [H, T, T+N] probabilities for dense); the router logits
+and, per routed copy, the dispatched input, fc1 output and SwiGLU output. On top, once per rank, the
+largest attention backward working set (`attention_working_bytes`: the core's gradient buffers and
+one query block's scores). One attention layer's estimate is checked against the measured
+allocation peak in tests/plan. MoE/mHC parts are divided by TP when sequence parallel is on and
+everything by CP. Recompute
 modes: "none"; "selective" recomputes norms, the q up-projection, SwiGLU and mHC mixing (keeps the
 projections' inputs); "full" keeps only each block's input streams. Pipeline rank r holds
 min(pp - r, num_microbatches) micro-batches in flight (1F1B), times 1 + (pp-1)/(pp*vpp) when
@@ -39,8 +42,21 @@ def bytes_per_param(precision: str) -> dict:
     return {"weights": 4, "grads": 4, "optimizer": 8}
 
 
-def activation_elements_per_token(m, *, ratio: int, tp: int, sp: bool, recompute: str) -> float:
-    """Elements kept per token by one block for backward, on one TP rank."""
+def plan_backend(m) -> str:
+    """The attention backend a GPU run of `m` uses ("auto" = flex on CUDA). Flex keeps what the
+    blockwise path keeps (q, keys, output, log-sum-exp; CSA's sparse phase is the same gather path)."""
+    return "dense" if m.attention_backend == "dense" else "blockwise"
+
+
+def activation_elements_per_token(
+    m, *, ratio: int, tp: int, sp: bool, recompute: str, seq_length: int, act_bytes: int
+) -> float:
+    """Elements kept per token by one block for backward, on one TP rank.
+
+    Attention: `attention_kept_per_token` (the sub-layer works on the whole sequence, gathered
+    under SP; head-split parts divided by TP). MoE and mHC: token copies per routed expert, the
+    streams and norm outputs (sequence-split under SP).
+    """
     d, n = m.hidden_size, m.hc_mult
     streams = 2 * n * d  # mHC input streams of both sub-layers
     if recompute == "full":
@@ -50,25 +66,15 @@ def activation_elements_per_token(m, *, ratio: int, tp: int, sp: bool, recompute
     seq_parts = streams + 2 * d  # collapsed sub-layer inputs
     if not selective:
         seq_parts += 2 * d + 2 * n * d  # RMSNorm outputs, mHC mixed streams
-    seq_parts += m.q_lora_rank * (1 if selective else 2)  # q_a out (+ q_norm out)
-    seq_parts += 2 * m.head_dim  # shared KV before/after norm
     seq_parts += 2 * m.num_routed_experts  # fp32 router logits
     k = m.num_experts_per_tok
     f = m.moe_intermediate_size
     moe = k * (d + 2 * f + (0 if selective else f)) + m.num_shared_experts * (d + 2 * f + (0 if selective else f))
     seq_parts += moe  # expert inputs are token copies; EP moves them, it does not shrink them
-    if ratio > 0:
-        width = 2 * m.head_dim if ratio == CSA_RATIO else m.head_dim
-        seq_parts += 2 * width  # compressor kv / gate
-    if ratio == CSA_RATIO:
-        seq_parts += 2 * 2 * m.index_head_dim + m.index_n_heads  # indexer compressor + weights
-    # Head-split parts (always divided by TP).
-    heads = m.num_attention_heads * m.head_dim * (1 if selective else 2)  # q (and its up-proj out)
-    heads += m.num_attention_heads * m.head_dim  # attention output (input of wo_a)
-    heads += m.o_groups * m.o_lora_rank  # wo_a output
-    if ratio == CSA_RATIO:
-        heads += m.index_n_heads * m.index_head_dim  # indexer q
-    return seq_parts / (tp if sp else 1) + heads / tp
+    attention = attention_kept_per_token(
+        m, ratio=ratio, tp=tp, backend=plan_backend(m), seq_length=seq_length, act_bytes=act_bytes
+    )
+    return seq_parts / (tp if sp else 1) + attention
 
 
 def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
@@ -81,6 +87,8 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
     dense_shard = derived.dp * p.cp if p.distributed_optimizer else 1
     expert_shard = derived.edp if p.distributed_optimizer else 1
     tokens = t.micro_batch_size * t.seq_length / p.cp
+    seq_local = t.seq_length // p.cp  # each CP rank's queries (keys: its halo + the gathered entries)
+    per_token = dict(tp=p.tp, sp=p.sp, recompute=recompute, seq_length=seq_local, act_bytes=act_bytes)
     vpp = derived.vpp
     interleave = 1 + (p.pp - 1) / (p.pp * vpp) if vpp > 1 else 1.0
     ratios = m.compress_ratios
@@ -93,16 +101,12 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
                 b = params.blocks[i]
                 dense += b.dense / p.tp
                 expert += b.routed_experts / (p.ep * derived.etp)
-                act_per_mb += tokens * activation_elements_per_token(
-                    m, ratio=ratios[i], tp=p.tp, sp=p.sp, recompute=recompute
-                )
+                act_per_mb += tokens * activation_elements_per_token(m, ratio=ratios[i], **per_token)
             for j in st.mtp_layers:
                 b = params.mtp_blocks[j]
                 dense += (b.dense + params.mtp_extra) / p.tp
                 expert += b.routed_experts / (p.ep * derived.etp)
-                act_per_mb += tokens * activation_elements_per_token(
-                    m, ratio=ratios[m.num_layers + j], tp=p.tp, sp=p.sp, recompute=recompute
-                )
+                act_per_mb += tokens * activation_elements_per_token(m, ratio=ratios[m.num_layers + j], **per_token)
             if st.has_embedding:
                 dense += params.embedding / p.tp
             if st.mtp_layers and not st.has_embedding:
@@ -111,10 +115,20 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
                 dense += (params.output_layer + params.final) / p.tp
         in_flight = min(p.pp - rank, derived.num_microbatches) * interleave
         activations = act_per_mb * act_bytes * in_flight
-        if recompute == "full" and act_per_mb:  # one block re-materialised at a time
-            activations += tokens * activation_elements_per_token(
-                m, ratio=CSA_RATIO, tp=p.tp, sp=p.sp, recompute="none"
+        layer_ratios = [ratios[i] for st in derived.stages_of_rank(rank) for i in st.decoder_layers]
+        layer_ratios += [ratios[m.num_layers + j] for st in derived.stages_of_rank(rank) for j in st.mtp_layers]
+        if recompute == "full" and layer_ratios:  # one block re-materialised at a time
+            activations += max(
+                tokens * activation_elements_per_token(m, ratio=r, **{**per_token, "recompute": "none"})
+                for r in set(layer_ratios)
             ) * act_bytes
+        if layer_ratios:  # the largest attention backward working set, one layer at a time
+            activations += max(
+                attention_working_bytes(
+                    m, ratio=r, tp=p.tp, backend=plan_backend(m), seq_length=seq_local, micro_batch=t.micro_batch_size
+                )
+                for r in set(layer_ratios)
+            )
         if any(st.has_loss for st in derived.stages_of_rank(rank)):
             vocab = m.vocab_size / p.tp
             activations += tokens * vocab * 4 * (1 + m.mtp_num_layers)  # fp32 logits
