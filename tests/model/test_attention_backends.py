@@ -112,3 +112,27 @@ def test_flex_refused_without_cuda_before_start():
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, device="cpu"))
     with pytest.raises(ConfigError, match="attention_backend=flex needs CUDA"):
         validate(cfg, world_size=1)
+
+
+# bf16 inputs and weights: both backends round the same bf16 products; they differ in fp32
+# accumulation order and in where they round back to bf16, a few bf16 ulps (2^-8 = 3.9e-3 relative)
+# of the largest entry. 2e-2 still separates them from a wrong mask (> 1e-1 here).
+BF16_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("layer_index,phase", [(0, "sparse"), (1, "sparse"), (1, "warmup"), (2, "sparse")])
+def test_blockwise_equals_dense_in_bf16(build_attention, layer_index, phase):
+    reference_cfg = tiny_model_config(init_std=0.2, indexer_phase=phase, attention_backend="dense")
+    cfg = dataclasses.replace(reference_cfg, attention_backend="blockwise", attention_block_size=16)
+    reference = build_attention(reference_cfg, layer_index, seed=3, dtype=torch.bfloat16)
+    candidate = build_attention(cfg, layer_index, seed=3, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, BATCH, HIDDEN, generator=gen).bfloat16()
+    upstream = torch.randn(64, BATCH, HIDDEN, generator=gen).bfloat16()
+    out_ref, dx_ref, grads_ref, _ = _run(reference, x, upstream)
+    out, dx, grads, _ = _run(candidate, x, upstream)
+    assert out.dtype == torch.bfloat16
+    assert _relative(out.float(), out_ref.float()) <= BF16_RTOL
+    assert _relative(dx.float(), dx_ref.float()) <= BF16_RTOL
+    for name, grad in grads_ref.items():
+        assert _relative(grads[name].float(), grad.float()) <= BF16_RTOL, name
