@@ -84,12 +84,14 @@ def flex_joint_attention(
     num_entries = 0 if compressed is None else compressed.shape[1]
     mask = block_mask(layout, seq_len, window_kv.shape[1], num_entries, q.device)
     keys = keys.unsqueeze(1)  # [B, 1, L, c]: one KV head
-    from torch.nn.attention.flex_attention import AuxRequest
-
-    out, aux = _kernel(q.device.type)(
-        q, keys, keys, block_mask=mask, scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True)
-    )
-    lse = aux.lse  # [B, H, T] fp32, natural log
+    kernel = _kernel(q.device.type)
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9: the older keyword
+        out, lse = kernel(q, keys, keys, block_mask=mask, scale=scale, enable_gqa=True, return_lse=True)
+    else:
+        out, aux = kernel(q, keys, keys, block_mask=mask, scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True))
+        lse = aux.lse  # [B, H, T] fp32, natural log
     sink_logit = sink.float().view(1, heads, 1)
     out = (out.float() * torch.sigmoid(lse - sink_logit).unsqueeze(-1)).to(q.dtype)
     return out, torch.logaddexp(lse, sink_logit).detach()
