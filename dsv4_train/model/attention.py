@@ -67,8 +67,9 @@ from dsv4_train.model.parallel_linear import (
     reduce_from_tp_region,
 )
 from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
-from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary
-from dsv4_train.model.sparse_attention import KeyLayout, blockwise_attention
+from dsv4_train.model.documents import Documents
+from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary, rope_tables
+from dsv4_train.model.sparse_attention import DocumentMasks, KeyLayout, blockwise_attention
 from dsv4_train.parallel import context as cp_context
 
 INDEXER_PHASES = ("dense", "warmup", "sparse")
@@ -210,35 +211,44 @@ class HybridAttention(MegatronModule):
 
     # ------------------------------------------------------------------------------------------
     def forward(
-        self, hidden_states: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None, cp=None
+        self, hidden_states: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None, cp=None,
+        documents: Optional[Documents] = None,
     ) -> torch.Tensor:
         """hidden_states: [s, b, hidden] (already RMS-normed) -> [s, b, hidden]; cp: this rank's
-        `ContextParallelSlice` or None (s is then the local slice, position_ids its global positions)."""
+        `ContextParallelSlice` or None (s is then the local slice, position_ids its global positions);
+        documents: the packed documents of the micro-batch (`model/documents.py`) or None (each row is
+        one sequence). With documents, RoPE positions restart per document and position_ids is unused."""
         x = hidden_states
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         seq_len, batch, _ = x.shape
-        positions = self._positions(position_ids, seq_len, x.device)
-        cos, sin = self.rotary.cos_sin(positions)  # [T, r/2]
+        if documents is not None and cp is not None:
+            raise ValueError("packed documents under context parallelism are not supported yet; use parallel.cp=1.")
+        positions = documents.positions if documents is not None else self._positions(position_ids, seq_len, x.device)
+        cos, sin = rope_tables(self.rotary, positions)  # [T, B | 1, r/2]
 
         c_q = self.q_norm(self.wq_a(x))  # [T, B, q_lora_rank]
         q = self.wq_b(c_q)[0].view(seq_len, batch, self.num_local_heads, self.head_dim)
-        q = apply_interleaved_rope(rms_normalize(q, self.eps), cos[:, None, None], sin[:, None, None])
+        q = apply_interleaved_rope(rms_normalize(q, self.eps), cos[:, :, None], sin[:, :, None])
         q = q.permute(1, 2, 0, 3)  # [B, H_local, T, c]
 
         kv = self._window_kv(x, cos, sin)  # [B, T, c]
         halo = previous = None
         if cp is not None:
             halo = cp_context.previous_rows(x, cp)  # [h, B, hidden]
-            halo_cos, halo_sin = self.rotary.cos_sin(cp.halo_positions.to(x.device))
+            halo_cos, halo_sin = rope_tables(self.rotary, cp.halo_positions.to(x.device))
             kv = torch.cat((self._window_kv(halo, halo_cos, halo_sin), kv), dim=1)  # [B, h + T, c]
             if cp.rank > 0:
                 previous = halo[halo.shape[0] - CSA_RATIO :]  # the block before ours (overlapping compressors)
-        layout = KeyLayout(self.window, halo=cp.halo if cp else 0, offset=cp.offset if cp else 0, ratio=self.ratio)
+        blocks = documents.blocks(self.ratio) if documents is not None and self.ratio else None
+        layout = KeyLayout(
+            self.window, halo=cp.halo if cp else 0, offset=cp.offset if cp else 0, ratio=self.ratio,
+            documents=DocumentMasks.of(documents, blocks, seq_len) if documents is not None else None,
+        )
 
         compressed = None
         if self.compressor is not None:
-            compressed = self.compressor(x, positions, previous=previous)  # [B, N, c]
+            compressed = self.compressor(x, positions, previous=previous, blocks=blocks)  # [B, N, c]
             if cp is not None:
                 compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
             compressed = copy_to_tp_region(compressed, self.wq_b.tp_group).to(kv.dtype)
@@ -249,7 +259,7 @@ class HybridAttention(MegatronModule):
         else:
             out, indexer_loss = self._sparse_core(*inputs)
 
-        out = apply_interleaved_rope(out.permute(2, 0, 1, 3), cos[:, None, None], sin[:, None, None], inverse=True)
+        out = apply_interleaved_rope(out.permute(2, 0, 1, 3), cos[:, :, None], sin[:, :, None], inverse=True)
         output = self.wo_b(self._grouped_output(out))[0]  # [s, b, hidden]
         if indexer_loss is not None:
             output = aux_losses.attach(output, indexer_loss, name=INDEXER_LOSS_NAME)
@@ -260,20 +270,28 @@ class HybridAttention(MegatronModule):
         """Reference: one [B, H, T, T+N] masked score tensor (kept for backward)."""
         seq_len, batch = x.shape[:2]
         allowed = window_mask(seq_len, self.window, x.device, halo=layout.halo, offset=layout.offset)  # [T, h+T]
+        docs = layout.documents
+        if docs is not None:
+            allowed = allowed & docs.documents.same_document(slice(None), slice(None))  # [B, T, T]
         num_window_keys = kv.shape[1]
         scores = support = None
         if compressed is not None:
-            visible = compressed_visibility(  # [T, N]
-                seq_len, self.ratio, x.device, offset=layout.offset, num_entries=compressed.shape[1]
-            )
+            if docs is not None:
+                visible = docs.blocks.visible(docs.documents, slice(None), compressed.shape[1])  # [B, T, N]
+            else:
+                visible = compressed_visibility(  # [T, N]
+                    seq_len, self.ratio, x.device, offset=layout.offset, num_entries=compressed.shape[1]
+                )
             support = visible
             if self.indexer is not None and self._phase() != "dense":
-                scores = self.indexer.scores(x, c_q, positions, visible, previous=previous, cp=cp)  # [B, T, N]
+                scores = self.indexer.scores(
+                    x, c_q, positions, visible, previous=previous, cp=cp, blocks=layout.blocks
+                )  # [B, T, N]
                 if self._phase() == "sparse":
                     support = self.indexer.select(scores, visible)
             kv = torch.cat((kv, compressed), dim=1)
             if support.dim() == 3:
-                allowed = torch.cat((allowed.expand(batch, -1, -1), support), dim=-1)
+                allowed = torch.cat((allowed.expand(batch, -1, -1), support.expand(batch, -1, -1)), dim=-1)
             else:
                 allowed = torch.cat((allowed, support), dim=-1)
 
@@ -295,7 +313,7 @@ class HybridAttention(MegatronModule):
         use_indexer = self.indexer is not None and self._phase() != "dense"
         keys = topk = None
         if use_indexer:
-            keys = self.indexer.keys(x, positions, previous, cp)  # [B, N, cI]
+            keys = self.indexer.keys(x, positions, previous, cp, blocks=layout.blocks)  # [B, N, cI]
             if self._phase() == "sparse":
                 topk = self.indexer.select_topk(x, c_q, positions, keys, layout, block)  # [B, T, k]
         q = q.contiguous()
@@ -315,8 +333,8 @@ class HybridAttention(MegatronModule):
 
     # ------------------------------------------------------------------------------------------
     def _window_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, B, hidden] -> the single K=V head [B, T, c] (normed, RoPE at the given positions)."""
-        kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos[:, None], sin[:, None])  # [T, B, c]
+        """x [T, B, hidden] -> the single K=V head [B, T, c] (normed, RoPE tables [T, B | 1, r/2])."""
+        kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, B, c]
         return copy_to_tp_region(kv, self.wq_b.tp_group).transpose(0, 1)
 
     def _grouped_output(self, out: torch.Tensor) -> torch.Tensor:

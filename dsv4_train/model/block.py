@@ -73,11 +73,13 @@ class V4Block(MegatronModule):
         token_ids: torch.Tensor,
         position_ids: Optional[torch.Tensor] = None,
         cp=None,
+        documents=None,
     ) -> torch.Tensor:
         """streams [s, b, n, d], token_ids [s, b], position_ids [s] or None -> [s, b, n, d];
-        cp: this rank's `ContextParallelSlice` (parallel/context.py) or None."""
+        cp: this rank's `ContextParallelSlice` (parallel/context.py) or None; documents: the packed
+        documents (model/documents.py) or None."""
         x_in, post, comb = self.hc_attn.pre(streams)
-        attn_out = self.attn(self.attn_norm(x_in), position_ids=position_ids, cp=cp)
+        attn_out = self.attn(self.attn_norm(x_in), position_ids=position_ids, cp=cp, documents=documents)
         streams = HyperConnection.post(attn_out, streams, post, comb)
 
         x_in, post, comb = self.hc_ffn.pre(streams)

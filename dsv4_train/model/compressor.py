@@ -62,12 +62,17 @@ class Compressor(nn.Module):
     def num_entries(self, seq_len: int) -> int:
         return seq_len // self.ratio
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, blocks=None
+    ) -> torch.Tensor:
         """x: [T, B, hidden]; positions: [T] (RoPE positions of the tokens) -> [B, T // ratio, head_dim].
 
         previous: [ratio, B, hidden] rows right before x (CP halo) or None (x starts the sequence);
-        only overlapping compressors read it.
+        only overlapping compressors read it. blocks: packed documents' `documents.Blocks` (blocks
+        restart per document) -> [B, N, head_dim], zero rows where a row has fewer blocks.
         """
+        if blocks is not None:
+            return self._forward_blocks(x, blocks)
         seq_len, batch, _ = x.shape
         m, c = self.ratio, self.head_dim
         n = self.num_entries(seq_len)
@@ -93,7 +98,30 @@ class Compressor(nn.Module):
             )
             values = torch.cat((prev_values, values[..., c:]), dim=2)  # [B, n, 2m, c]
             logits = torch.cat((prev_logits, logits[..., c:]), dim=2)
+        return self._finish(values, logits, positions[: n * m : m], x.dtype)  # block-start positions
+
+    def _finish(self, values, logits, block_positions, dtype) -> torch.Tensor:
+        """Softmax-weighted sum over each block's rows, RMSNorm, RoPE at the block start -> [B, n, c]."""
         compressed = (values * logits.softmax(dim=2)).sum(dim=2)  # [B, n, c], fp32
-        compressed = self.norm(compressed.to(x.dtype))
-        cos, sin = self.rotary.cos_sin(positions[: n * m : m])  # block-start positions, [n, r/2]
+        compressed = self.norm(compressed.to(dtype))
+        cos, sin = self.rotary.cos_sin(block_positions)  # [n, r/2] or [B, n, r/2]
         return apply_interleaved_rope(compressed, cos, sin)
+
+    def _forward_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        """Document-aligned blocks: each block's rows gathered by index (see documents.Blocks)."""
+        batch, c = x.shape[1], self.head_dim
+        if blocks.start.shape[1] == 0:
+            return x.new_zeros(batch, 0, c)
+        rows = torch.arange(batch, device=x.device)[:, None, None]
+        values = self.wkv(x).transpose(0, 1)[rows, blocks.token_index]  # [B, N, m, width]
+        logits = self.wgate(x).transpose(0, 1)[rows, blocks.token_index] + self.ape.float()
+        if self.overlap:
+            # Previous block of the same document, or none (zero values, -inf logits).
+            has_previous = blocks.previous[:, :, None, None]
+            prev_values = torch.where(has_previous, F.pad(values[:, :-1, :, :c], (0, 0, 0, 0, 1, 0)), 0.0)
+            prev_logits = torch.cat((torch.full_like(logits[:, :1, :, :c], float("-inf")), logits[:, :-1, :, :c]), dim=1)
+            prev_logits = torch.where(has_previous, prev_logits, float("-inf"))
+            values = torch.cat((prev_values, values[..., c:]), dim=2)  # [B, N, 2m, c]
+            logits = torch.cat((prev_logits, logits[..., c:]), dim=2)
+        compressed = self._finish(values, logits, blocks.position, x.dtype)
+        return compressed * blocks.valid[..., None].to(compressed.dtype)

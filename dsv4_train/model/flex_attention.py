@@ -70,6 +70,36 @@ def block_mask(layout: KeyLayout, seq_len: int, num_window_keys: int, num_entrie
     )
 
 
+def document_block_mask(layout: KeyLayout, batch: int, seq_len: int, num_window_keys: int, num_entries: int, device):
+    """Per-row block mask for packed documents (window and entries within the query's document)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    docs = layout.documents
+    segment = docs.documents.segment_ids  # [B, T]
+    window = layout.window
+    if docs.blocks is not None and num_entries:
+        entry_segment = torch.where(docs.blocks.valid, docs.blocks.segment, -1)[:, :num_entries]
+        entry_end = docs.blocks.end[:, :num_entries]
+    else:  # no entries: one never-visible placeholder keeps the indexing valid
+        entry_segment = torch.full((batch, 1), -1, device=device, dtype=torch.long)
+        entry_end = torch.zeros((batch, 1), device=device, dtype=torch.long)
+
+    def visible(b, head, q_idx, kv_idx):
+        key = kv_idx.clamp(max=num_window_keys - 1)
+        distance = q_idx - kv_idx
+        in_window = (kv_idx < num_window_keys) & (distance >= 0) & (distance < window)
+        in_window = in_window & (segment[b, q_idx] == segment[b, key])
+        entry = (kv_idx - num_window_keys).clamp(min=0, max=entry_segment.shape[1] - 1)
+        in_entries = (kv_idx >= num_window_keys) & (entry_segment[b, entry] == segment[b, q_idx])
+        in_entries = in_entries & (entry_end[b, entry] <= q_idx)
+        return in_window | in_entries
+
+    return create_block_mask(
+        visible, batch, None, seq_len, num_window_keys + num_entries, device=device, BLOCK_SIZE=FLEX_BLOCK,
+        _compile=device.type == "cuda",
+    )
+
+
 def flex_joint_attention(
     q: torch.Tensor,
     window_kv: torch.Tensor,
@@ -82,7 +112,10 @@ def flex_joint_attention(
     batch, heads, seq_len, dim = q.shape
     keys = window_kv if compressed is None else torch.cat((window_kv, compressed.to(window_kv.dtype)), dim=1)
     num_entries = 0 if compressed is None else compressed.shape[1]
-    mask = block_mask(layout, seq_len, window_kv.shape[1], num_entries, q.device)
+    if layout.documents is not None:
+        mask = document_block_mask(layout, batch, seq_len, window_kv.shape[1], num_entries, q.device)
+    else:
+        mask = block_mask(layout, seq_len, window_kv.shape[1], num_entries, q.device)
     keys = keys.unsqueeze(1)  # [B, 1, L, c]: one KV head
     kernel = _kernel(q.device.type)
     try:

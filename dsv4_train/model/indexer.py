@@ -34,7 +34,7 @@ from dsv4_train.config.model import CSA_RATIO, ModelConfig
 from dsv4_train.model import sparse_attention
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.parallel_linear import ColumnParallelLinear, copy_to_tp_region, reduce_from_tp_region
-from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope
+from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope, rope_tables
 from dsv4_train.model.blocking import auto_block_size, indexer_block_elements
 from dsv4_train.model.sparse_attention import KeyLayout
 from dsv4_train.parallel.context import gather_entries, sum_over
@@ -96,12 +96,17 @@ class LightningIndexer(MegatronModule):
             params_dtype=config.params_dtype,
         )
 
-    def keys(self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, cp=None) -> torch.Tensor:
+    def keys(
+        self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, cp=None, blocks=None
+    ) -> torch.Tensor:
         """The indexer's compressed keys [B, N, cI] of the whole sequence (gathered over CP).
 
-        Computed from the detached x; gradients reach only the indexer's own compressor.
+        Computed from the detached x; gradients reach only the indexer's own compressor. blocks:
+        packed documents' ratio-4 blocks (the main CSA compressor's), or None.
         """
-        keys = self.compressor(x.detach(), positions, previous=None if previous is None else previous.detach())
+        keys = self.compressor(
+            x.detach(), positions, previous=None if previous is None else previous.detach(), blocks=blocks
+        )
         if cp is not None:
             keys = gather_entries(keys, cp)  # [B, N, cI]
         return copy_to_tp_region(keys, self.wq_b.tp_group)
@@ -111,8 +116,8 @@ class LightningIndexer(MegatronModule):
         (fp32, with the cI^-1/2 * nI^-1/2 scale) of the rows of x / c_q, both detached here."""
         seq_len, batch, _ = x.shape
         q = self.wq_b(c_q.detach())[0].view(seq_len, batch, -1, self.head_dim)
-        cos, sin = self.rotary.cos_sin(positions)
-        q = apply_interleaved_rope(q, cos[:, None, None], sin[:, None, None])
+        cos, sin = rope_tables(self.rotary, positions)  # [t, B | 1, r/2]
+        q = apply_interleaved_rope(q, cos[:, :, None], sin[:, :, None])
         weights = self.weights_proj(x.detach())[0].float() * (self.head_dim**-0.5 * self.num_heads**-0.5)
         return q, weights
 
@@ -128,16 +133,16 @@ class LightningIndexer(MegatronModule):
 
     def scores(
         self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
-        previous: Optional[torch.Tensor] = None, cp=None,
+        previous: Optional[torch.Tensor] = None, cp=None, blocks=None,
     ) -> torch.Tensor:
-        """Index scores [B, T, N] in fp32, -inf where `visible` [T, N] is False (dense reference).
+        """Index scores [B, T, N] in fp32, -inf where `visible` [T, N] / [B, T, N] is False (dense reference).
 
         x: [T, B, hidden] and c_q: [T, B, q_lora_rank]; both are detached here so that the indexer
         never back-propagates into the backbone. Context parallel: `previous` [4, B, hidden] is the
         block before x (None on the first rank), `cp` the slice; the keys of every rank are gathered
         so the top-k sees every visible entry of the sequence.
         """
-        keys = self.keys(x, positions, previous, cp)
+        keys = self.keys(x, positions, previous, cp, blocks=blocks)
         q, weights = self.queries(x, c_q, positions)
         return self.score(q, weights, keys).masked_fill(~visible, float("-inf"))
 
@@ -175,7 +180,7 @@ class LightningIndexer(MegatronModule):
                 visible = layout.entries_visible(t1, num_entries)
                 if visible == 0 or k == 0:
                     continue
-                q, weights = self.queries(x[t0:t1], c_q[t0:t1], positions[t0:t1])
+                q, weights = self.queries(x[t0:t1], c_q[t0:t1], positions[..., t0:t1])
                 scores = self.score(q, weights, keys[:, :visible])
                 scores = scores.masked_fill_(~layout.entries_allowed(t0, t1, visible, x.device), float("-inf"))
                 top = scores.topk(min(k, visible), dim=-1)
@@ -204,7 +209,7 @@ class LightningIndexer(MegatronModule):
             t1 = min(seq_len, t0 + block)
             span = (t0, t1, layout, None if topk is None else topk[:, t0:t1], main)
             kl_sum, count = torch.utils.checkpoint.checkpoint(
-                self._kl_block, x[t0:t1], c_q[t0:t1], positions[t0:t1], keys, span,
+                self._kl_block, x[t0:t1], c_q[t0:t1], positions[..., t0:t1], keys, span,
                 use_reentrant=False, preserve_rng_state=False,
             )
             total = total + kl_sum

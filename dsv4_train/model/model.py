@@ -46,6 +46,7 @@ from megatron.core.transformer.multi_token_prediction import (
 
 from dsv4_train.config.model import ModelConfig
 from dsv4_train.model.block import V4Block, rms_norm
+from dsv4_train.model.documents import Documents
 from dsv4_train.model.mhc import HyperHead
 from dsv4_train.model.module_list import ShardedModuleList  # keeps TP/EP sharding in checkpoints
 from dsv4_train.model.mtp import MTPLayer
@@ -159,13 +160,25 @@ class DSV4Model(LanguageModule):
         position_ids: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids / position_ids / labels / loss_mask: this CP rank's slice [b, s]. Every stage
-        gets input_ids (hash routing, MTP); a non-last stage returns its folded streams."""
+        gets input_ids (hash routing, MTP); a non-last stage returns its folded streams.
+        segment_ids [b, s]: packed documents (equal ids = one document, non-decreasing): each
+        document attends to and is compressed within itself, RoPE restarts per document
+        (model/documents.py); position_ids is then ignored."""
         with cpu_compat.mode_suspended():  # no-op on GPU; skips the CPU layer's per-call hook
-            return self._forward(input_ids, position_ids, labels, loss_mask)
+            return self._forward(input_ids, position_ids, labels, loss_mask, segment_ids)
 
-    def _forward(self, input_ids, position_ids, labels, loss_mask) -> torch.Tensor:
+    def _forward(self, input_ids, position_ids, labels, loss_mask, segment_ids=None) -> torch.Tensor:
+        documents = None
+        if segment_ids is not None:
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"segment_ids has shape {tuple(segment_ids.shape)}; it must match input_ids {tuple(input_ids.shape)}."
+                )
+            documents = Documents.from_segment_ids(segment_ids.to(input_ids.device))
+            position_ids = None
         positions = self._attention_positions(position_ids)
         batch, seq = input_ids.shape
         cp = None
@@ -187,11 +200,11 @@ class DSV4Model(LanguageModule):
                 # again in backward (Megatron's checkpoint, RNG-tracker aware; the router counts tokens
                 # for the expert-bias update only in the grad-enabled recompute, so once).
                 streams = tensor_parallel.checkpoint(
-                    lambda s, t, p, layer=layer: layer(s, token_ids=t, position_ids=p, cp=cp),
+                    lambda s, t, p, layer=layer: layer(s, token_ids=t, position_ids=p, cp=cp, documents=documents),
                     False, streams, token_ids, positions,
                 )
             else:
-                streams = layer(streams, token_ids=token_ids, position_ids=positions, cp=cp)
+                streams = layer(streams, token_ids=token_ids, position_ids=positions, cp=cp, documents=documents)
         if not self.post_process:
             return streams.view(streams.shape[0], batch * self.hc_mult, streams.shape[-1])
         hidden = self.norm(self.hc_head(streams))  # [s, b, d]
@@ -201,11 +214,11 @@ class DSV4Model(LanguageModule):
             return logits.transpose(0, 1).contiguous()  # [b, s, V]
 
         if self.mtp_process:
-            hidden = self._attach_mtp_loss(hidden, streams, input_ids, positions, labels, loss_mask, cp)
+            hidden = self._attach_mtp_loss(hidden, streams, input_ids, positions, labels, loss_mask, cp, documents)
         logits, _ = self.output_layer(hidden)
         return self.compute_language_model_loss(labels, logits)  # [b, s]
 
-    def _attach_mtp_loss(self, hidden, streams, input_ids, positions, labels, loss_mask, cp):
+    def _attach_mtp_loss(self, hidden, streams, input_ids, positions, labels, loss_mask, cp, documents=None):
         """Run the MTP depths and inject their loss into the backward of `hidden` (returned
         unchanged in value) through Megatron's `MTPLossAutoScaler`; log it in Megatron's tracker.
 
@@ -220,13 +233,22 @@ class DSV4Model(LanguageModule):
         weight = self.mtp_loss_weight / num_depths
         mtp_streams, mtp_ids, mtp_labels = streams, input_ids, labels
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        # Packed documents: depth k at position t reads token t+1+k, which must be in t's document.
+        shifted_segments = None if documents is None else documents.segment_ids + 1  # 0 = past the end
         for depth, layer in enumerate(self.mtp):
+            keep = None
+            if shifted_segments is not None:
+                shifted_segments = cp_context.roll_left(shifted_segments, group)
+                keep = (shifted_segments == documents.segment_ids + 1).to(input_ids.dtype)
             out, mtp_streams, mtp_ids = layer(
-                streams=mtp_streams, input_ids=mtp_ids, embedding=self.embedding, position_ids=positions, cp=cp
+                streams=mtp_streams, input_ids=mtp_ids, embedding=self.embedding, position_ids=positions, cp=cp,
+                documents=documents, keep=keep,
             )
             logits, _ = self.output_layer(out)
             mtp_labels = cp_context.roll_left(mtp_labels, group)
             mask = cp_context.roll_left(mask, group)
+            if keep is not None:
+                mask = mask * keep
             local_sum = (self.compute_language_model_loss(mtp_labels, logits) * mask).sum()
             count = cp_context.sum_over(mask.sum(), cp).clamp(min=1)
             share = local_sum * cp_size / count

@@ -51,6 +51,8 @@ class MTPLayer(MegatronModule):
         embedding,
         position_ids: Optional[torch.Tensor] = None,
         cp=None,
+        documents=None,
+        keep: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [s, b, n, d] of the previous depth; input_ids [b, s] as shifted by the previous
         depth (the main input for depth 0); cp: the `ContextParallelSlice` or None. Returns (normed
@@ -58,11 +60,13 @@ class MTPLayer(MegatronModule):
         [b, s])."""
         # Token t+1+depth at position t; the last position gets a pad id 0 and is masked by the loss.
         shifted_ids = roll_left(input_ids, cp.group if cp is not None else None)
+        if keep is not None:  # packed documents: a token of the next document is no input here (pad 0)
+            shifted_ids = shifted_ids * keep
         embedded = self.enorm(embedding(input_ids=shifted_ids, position_ids=None))  # [s, b, d]
         e_part, _ = self.e_proj(embedded)
         s, b, n, d = streams.shape
         h_part, _ = self.h_proj(self.hnorm(streams).reshape(s, b * n, d))
         streams = e_part.unsqueeze(-2) + h_part.reshape(s, b, n, d)
-        streams = self.block(streams, token_ids=shifted_ids.t(), position_ids=position_ids, cp=cp)
+        streams = self.block(streams, token_ids=shifted_ids.t(), position_ids=position_ids, cp=cp, documents=documents)
         hidden = self.norm(self.hc_head(streams))
         return hidden, streams, shifted_ids

@@ -90,6 +90,15 @@ def layer_rotary(model_cfg: ModelConfig, layer_index: int) -> InterleavedRotary:
     return InterleavedRotary(rope_dim=model_cfg.qk_rope_head_dim, base=model_cfg.rope_theta, yarn=None)
 
 
+def rope_tables(rotary: "InterleavedRotary", positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) laid out for [T, B, ...] activations: [T, 1, r/2] from positions [T] shared by the
+    batch, [T, B, r/2] from per-row positions [B, T] (packed documents restart RoPE)."""
+    cos, sin = rotary.cos_sin(positions)
+    if positions.dim() == 1:
+        return cos[:, None], sin[:, None]
+    return cos.transpose(0, 1), sin.transpose(0, 1)
+
+
 def apply_interleaved_rope(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inverse: bool = False
 ) -> torch.Tensor:

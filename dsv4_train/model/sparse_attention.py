@@ -33,6 +33,19 @@ from dsv4_train.model.blocking import attention_block_elements, auto_block_size
 NEG_INF = float("-inf")
 
 
+@dataclass(eq=False)
+class DocumentMasks:
+    """Packed documents of the micro-batch as the masks need them (compared by identity)."""
+
+    documents: object  # model.documents.Documents
+    blocks: object  # model.documents.Blocks of this layer's ratio, or None
+    prefix: list  # per query t: entries any row's query <= t may see (Blocks.visible_prefix)
+
+    @staticmethod
+    def of(documents, blocks, seq_len: int) -> "DocumentMasks":
+        return DocumentMasks(documents, blocks, blocks.visible_prefix(seq_len) if blocks is not None else [])
+
+
 @dataclass(frozen=True)
 class KeyLayout:
     """Where this rank's queries and keys sit in the sequence.
@@ -48,6 +61,11 @@ class KeyLayout:
     halo: int = 0
     offset: int = 0
     ratio: int = 0
+    documents: Optional[DocumentMasks] = None  # packed documents (no halo / CP with them)
+
+    @property
+    def blocks(self):
+        return self.documents.blocks if self.documents is not None else None
 
     def window_span(self, t0: int, t1: int) -> Tuple[int, int]:
         """[j0, j1) of window_kv that queries t0..t1-1 may see."""
@@ -58,14 +76,23 @@ class KeyLayout:
         j0, j1 = self.window_span(t0, t1)
         t = torch.arange(t0, t1, device=device) + self.halo
         distance = t[:, None] - torch.arange(j0, j1, device=device)[None, :]
-        return (distance >= 0) & (distance < self.window)
+        allowed = (distance >= 0) & (distance < self.window)
+        if self.documents is not None:  # [B, b, L]: and within one document
+            allowed = allowed & self.documents.documents.same_document(slice(t0, t1), slice(j0, j1))
+        return allowed
 
     def entries_visible(self, t1: int, num_entries: int) -> int:
         """Number of leading compressed entries any of the queries before t1 may see."""
-        return min(num_entries, (self.offset + t1) // self.ratio) if self.ratio else 0
+        if not self.ratio or t1 <= 0:
+            return 0
+        if self.documents is not None:
+            return min(num_entries, self.documents.prefix[t1 - 1])
+        return min(num_entries, (self.offset + t1) // self.ratio)
 
     def entries_allowed(self, t0: int, t1: int, count: int, device) -> torch.Tensor:
-        """Bool [t1 - t0, count]: entry s visible to query t."""
+        """Bool [t1 - t0, count] (or [B, t1 - t0, count] with documents): entry s visible to query t."""
+        if self.documents is not None:
+            return self.documents.blocks.visible(self.documents.documents, slice(t0, t1), count)
         limit = (torch.arange(t0, t1, device=device) + self.offset + 1) // self.ratio
         return torch.arange(count, device=device)[None, :] < limit[:, None]
 
@@ -98,6 +125,11 @@ def _block_scores(q_blk, window_keys, window_ok, entry_keys, entry_ok, scale):
     return window, entries
 
 
+def _over_heads(mask: torch.Tensor) -> torch.Tensor:
+    """[b, L] stays (broadcasts over B and H); per-row [B, b, L] -> [B, 1, b, L]."""
+    return mask.unsqueeze(1) if mask.dim() == 3 else mask
+
+
 class _BlockContext:
     """Keys and masks of one query block (shared by forward and backward so both see the same)."""
 
@@ -106,7 +138,7 @@ class _BlockContext:
         j0, j1 = layout.window_span(t0, t1)
         self.window_span = (j0, j1)
         self.window_keys = window_kv[:, j0:j1]
-        self.window_ok = layout.window_allowed(t0, t1, device)
+        self.window_ok = _over_heads(layout.window_allowed(t0, t1, device))
         self.entry_keys = self.entry_ok = self.entry_index = None
         self.visible = 0
         if compressed is None:
@@ -114,7 +146,7 @@ class _BlockContext:
         if topk is None:
             self.visible = layout.entries_visible(t1, compressed.shape[1])
             self.entry_keys = compressed[:, : self.visible]
-            self.entry_ok = layout.entries_allowed(t0, t1, self.visible, device)
+            self.entry_ok = _over_heads(layout.entries_allowed(t0, t1, self.visible, device))
         else:
             self.entry_index = topk[:, t0:t1]  # [B, b, k]
             self.entry_keys = gather_entries(compressed, self.entry_index)  # [B, b, k, c]
