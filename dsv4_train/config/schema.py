@@ -89,6 +89,9 @@ class DataConfig:
     cache_dir: Optional[str] = None  # None = <repo>/.cache/data (embedded corpus, tokenizer, index caches)
     num_workers: int = 0
     eod_token: Optional[str] = None  # end-of-document token of data.tokenizer; None = first known one (<|endoftext|>, DeepSeek's, </s>, ...)
+    # Packed documents attend to and are compressed within themselves (segments end at each EOD
+    # token; RoPE restarts per document): V4's sample-level attention masking.
+    document_mask: bool = False
 
 
 @dataclass

@@ -332,6 +332,13 @@ def check_io(cfg, problems: List[str]) -> None:
             "data.kind=indexed needs data.paths (prefixes of .bin/.idx files made by "
             "dsv4-preprocess), e.g. data.paths='[/data/corpus_text_document]'."
         )
+    if d.document_mask and d.kind == "mock":
+        problems.append("data.document_mask=true needs documents with EOD tokens; data.kind=mock has none (use embedded or indexed data).")
+    if d.document_mask and cfg.parallel.cp > 1:
+        problems.append(
+            "data.document_mask=true is not supported with context parallelism yet (parallel.cp="
+            f"{cfg.parallel.cp}); use parallel.cp=1 or data.document_mask=false."
+        )
     if d.num_workers < 0:
         problems.append(f"data.num_workers={d.num_workers} must be >= 0.")
     if c.save_interval < 0 or c.keep_last < 1:

@@ -32,6 +32,7 @@ class TrainData:
 
     Each item: {"tokens", "labels", "position_ids": LongTensor [micro_batch, seq],
                 "loss_mask": FloatTensor [micro_batch, seq]}; labels[:, i] == the token after tokens[:, i].
+    With data.document_mask also "segment_ids" [micro_batch, seq] (`segments_from_eod`).
     """
 
     tokenizer: TextTokenizer
@@ -113,9 +114,18 @@ def _collective_prepare(cache_dir: Path, fn, log):
     return result
 
 
-def _iterate(loader) -> Iterator[Dict[str, torch.Tensor]]:
+def segments_from_eod(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[b, s] token ids -> [b, s] document ids: a document ends with (and includes) its EOD token."""
+    is_eod = (tokens == eod).long()
+    return torch.cumsum(is_eod, dim=1) - is_eod
+
+
+def _iterate(loader, eod: Optional[int] = None) -> Iterator[Dict[str, torch.Tensor]]:
     for batch in loader:
-        yield {key: batch[key] for key in BATCH_KEYS}
+        item = {key: batch[key] for key in BATCH_KEYS}
+        if eod is not None:
+            item["segment_ids"] = segments_from_eod(item["tokens"], eod)
+        yield item
 
 
 def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
@@ -214,7 +224,7 @@ def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int 
         tokenizer=tokenizer,
         train_dataset=train_ds,
         valid_dataset=valid_ds,
-        train_iterator=_iterate(loader),
+        train_iterator=_iterate(loader, eod=tokenizer.eod if getattr(data_cfg, "document_mask", False) else None),
         micro_batches=len(sampler),
         summary="; ".join(parts),
         details={"prefixes": prefixes, "weights": weights, "documents": documents, "tokens": tokens,

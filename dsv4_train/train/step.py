@@ -65,7 +65,10 @@ def forward_step(data_iterator: Iterator, model: torch.nn.Module):
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, labels=labels, loss_mask=loss_mask)
+    segment_ids = batch.get("segment_ids")  # packed documents (data.document_mask)
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(device, non_blocking=True)
+    output = model(tokens, position_ids, labels=labels, loss_mask=loss_mask, segment_ids=segment_ids)
     return output, partial(loss_func, loss_mask, cp_group=cp_group if cp_group.size() > 1 else None)
 
 

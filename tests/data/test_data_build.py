@@ -218,3 +218,17 @@ def test_rewritten_dataset_gets_fresh_indices(data_cache, embedded_tokenizer_fil
     write([f"omega {i} " * 5 for i in range(400)])  # same prefix, other documents and lengths
     after = first_sample()
     assert "omega" in after and "alpha" not in after
+
+
+def test_document_mask_adds_segments_ending_at_each_eod(data_cache):
+    from dsv4_train.data.build import segments_from_eod
+
+    assert segments_from_eod(torch.tensor([[5, 0, 7, 7, 0, 0, 3]]), eod=0).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+    data, batches = _batches(data_cache, document_mask=True)
+    boundaries = 0
+    for batch in batches:
+        segments = batch["segment_ids"]
+        assert torch.equal(segments, segments_from_eod(batch["tokens"], data.tokenizer.eod))
+        assert bool((segments[:, 1:] >= segments[:, :-1]).all())
+        boundaries += int((segments[:, 1:] != segments[:, :-1]).sum())
+    assert boundaries > 0  # the embedded corpus packs several documents per sample
