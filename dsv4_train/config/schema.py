@@ -76,6 +76,10 @@ class TrainConfig:
     # (every block recomputed from its input streams). Also the assumption of the memory plan.
     recompute: str = "none"
     deterministic: bool = False
+    # Validation loss: eval_iters global batches of the validation split (0 = never), every
+    # eval_interval steps (0 = only at the end of training) and at the end.
+    eval_interval: int = 0
+    eval_iters: int = 0
 
 
 @dataclass

@@ -285,12 +285,8 @@ def check_train(cfg, problems: List[str]) -> None:
             f"train.micro_batch_size={t.micro_batch_size}."
         )
     if t.seq_length > 0:
-        bad = sorted({r for r in m.compress_ratios if r > 0 and t.seq_length % r})
-        if bad:
-            problems.append(
-                f"train.seq_length={t.seq_length} is not divisible by compress ratios {bad} of "
-                "model.compress_ratios; use a multiple of every ratio (e.g. of the largest)."
-            )
+        # Any length works without CP: trailing tokens that do not fill a block are not compressed
+        # (paper §3.4.3); CP needs whole blocks per rank (check_parallel).
         if t.seq_length > m.max_position_embeddings:
             problems.append(
                 f"train.seq_length={t.seq_length} exceeds model.max_position_embeddings="
@@ -339,6 +335,17 @@ def check_io(cfg, problems: List[str]) -> None:
             "data.document_mask=true is not supported with context parallelism yet (parallel.cp="
             f"{cfg.parallel.cp}); use parallel.cp=1 or data.document_mask=false."
         )
+    t = cfg.train
+    if t.eval_interval < 0 or t.eval_iters < 0:
+        problems.append(
+            f"train.eval_interval={t.eval_interval} and train.eval_iters={t.eval_iters} must be >= 0 "
+            "(eval_iters 0 = no validation; eval_interval 0 = only at the end)."
+        )
+    elif t.eval_iters > 0 and d.kind != "mock" and _valid_weight(d.split) == 0:
+        problems.append(
+            f"train.eval_iters={t.eval_iters} needs a validation split, but data.split={d.split!r} gives it no "
+            "weight; use e.g. data.split=98,2,0 or train.eval_iters=0."
+        )
     if d.num_workers < 0:
         problems.append(f"data.num_workers={d.num_workers} must be >= 0.")
     if c.save_interval < 0 or c.keep_last < 1:
@@ -355,6 +362,14 @@ def check_io(cfg, problems: List[str]) -> None:
             "model.attention_backend=flex needs CUDA to train (torch has no FlexAttention backward on "
             "CPU); use model.attention_backend=auto (blockwise on CPU: exact, linear memory) or blockwise."
         )
+
+
+def _valid_weight(split: str) -> float:
+    try:
+        parts = [float(w) for w in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        return 1.0  # malformed: the data builder names the problem
+    return parts[1] if len(parts) > 1 else 0.0
 
 
 def _cuda_training(device: str) -> bool:

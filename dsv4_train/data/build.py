@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -42,6 +42,9 @@ class TrainData:
     micro_batches: int  # how many items train_iterator yields on this rank
     summary: str
     details: Dict[str, Any] = field(default_factory=dict)
+    # A fresh iterator over the first train.eval_iters global batches of the validation split (this
+    # rank's share), or None without evaluation.
+    make_valid_iterator: Optional[Callable[[], Iterator[Dict[str, torch.Tensor]]]] = None
 
     def describe(self) -> str:
         return self.summary
@@ -185,7 +188,7 @@ def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int 
         seed=seed,
         sequence_length=train_cfg.seq_length,
         train_samples=end_samples,
-        eval_samples=train_cfg.global_batch_size,
+        eval_samples=train_cfg.global_batch_size * max(1, getattr(train_cfg, "eval_iters", 0)),
         cache_dir=cache_dir,
     )
     assert len(train_ds) >= end_samples, (len(train_ds), end_samples)
@@ -220,11 +223,30 @@ def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int 
     split_note = "" if data_cfg.kind == "mock" else f", split {data_cfg.split}"
     parts.append(f"{len(train_ds)} train samples x {train_cfg.seq_length} tokens{split_note}")
     parts.append(f"cache {cache_dir}")
+    eod = tokenizer.eod if getattr(data_cfg, "document_mask", False) else None
+    make_valid_iterator = None
+    eval_samples = train_cfg.global_batch_size * getattr(train_cfg, "eval_iters", 0)
+    if eval_samples:
+        if valid_ds is None or len(valid_ds) < eval_samples:
+            raise ValueError(
+                f"train.eval_iters={train_cfg.eval_iters} needs {eval_samples} validation samples; data.split="
+                f"{data_cfg.split!r} gives {0 if valid_ds is None else len(valid_ds)}. Give the validation part a "
+                "weight (e.g. data.split=98,2,0) or lower train.eval_iters."
+            )
+
+        def make_valid_iterator():
+            sampler = PretrainingBatchSampler(
+                total_samples=len(valid_ds), consumed_samples=0, end_samples=eval_samples,
+                micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+            )
+            return _iterate(torch.utils.data.DataLoader(valid_ds, batch_sampler=sampler), eod=eod)
+
     return TrainData(
+        make_valid_iterator=make_valid_iterator,
         tokenizer=tokenizer,
         train_dataset=train_ds,
         valid_dataset=valid_ds,
-        train_iterator=_iterate(loader, eod=tokenizer.eod if getattr(data_cfg, "document_mask", False) else None),
+        train_iterator=_iterate(loader, eod=eod),
         micro_batches=len(sampler),
         summary="; ".join(parts),
         details={"prefixes": prefixes, "weights": weights, "documents": documents, "tokens": tokens,

@@ -16,6 +16,7 @@ from dsv4_train.checkpoint.io import TrainState, save_checkpoint
 from dsv4_train.checkpoint.resume import checkpoint_root, plan_resume, restore_or_save_initial
 from dsv4_train.config.schema import Config
 from dsv4_train.runtime import distributed as dist_runtime
+from dsv4_train.train.evaluate import evaluate
 from dsv4_train.train.metrics import MetricsSink
 from dsv4_train.train.optimizer import build_optimizer
 from dsv4_train.train.step import train_step, wire_model_config
@@ -192,6 +193,13 @@ def run_training(cfg: Config, derived) -> int:
             flush=True,
         )
 
+    def run_evaluation() -> float:
+        return evaluate(
+            make_iterator=data.make_valid_iterator, model_chunks=model_chunks, eval_iters=train_cfg.eval_iters,
+            num_microbatches=derived.num_microbatches, seq_length=train_cfg.seq_length,
+            micro_batch_size=train_cfg.micro_batch_size, hc_mult=cfg.model.hc_mult,
+        )
+
     state = start
     global_tokens = train_cfg.global_batch_size * train_cfg.seq_length
     exit_code = 0
@@ -229,6 +237,8 @@ def run_training(cfg: Config, derived) -> int:
             }
             for name, value in result.aux.items():
                 metrics.setdefault(name, value)
+            if evaluation_due(train_cfg, step):
+                metrics["val_loss"] = run_evaluation()
             sink.log(metrics, print_line=(step % train_cfg.log_interval == 0 or step == train_cfg.max_steps))
 
             interval = cfg.checkpoint.save_interval
@@ -252,6 +262,13 @@ def run_training(cfg: Config, derived) -> int:
         sink.close()
         dist_runtime.shutdown()
     return exit_code
+
+
+def evaluation_due(train_cfg, step: int) -> bool:
+    """Every eval_interval steps and at the last step, when evaluation is on (eval_iters > 0)."""
+    if train_cfg.eval_iters <= 0:
+        return False
+    return step == train_cfg.max_steps or (train_cfg.eval_interval > 0 and step % train_cfg.eval_interval == 0)
 
 
 def _config_dict(cfg: Config) -> dict:

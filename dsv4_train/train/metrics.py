@@ -33,7 +33,8 @@ def console_line(metrics: Dict[str, float], *, max_steps: int, eta_s: float) -> 
         f"step {metrics['step']:>6d}/{max_steps} | lm_loss {number('lm_loss', '.4f')} | "
         f"mtp_loss {number('mtp_loss', '.4f')} | grad_norm {number('grad_norm', '.3f')} | "
         f"lr {number('lr', '.3e')} | tok/s {number('tokens_per_sec', ',.0f')} | "
-        f"ETA {format_duration(eta_s)}"
+        + (f"val_loss {number('val_loss', '.4f')} | " if "val_loss" in metrics else "")
+        + f"ETA {format_duration(eta_s)}"
     )
 
 

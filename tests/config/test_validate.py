@@ -29,7 +29,11 @@ CASES = [
     (["parallel.pp=2", "parallel.pipeline_layout='Et*3|t*2,mX'"], 2, "'X'"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size=6"),
     (["train.global_batch_size=8", "train.micro_batch_size=2"], 3, "micro_batch_size * dp"),
-    (["train.seq_length=40"], 1, "not divisible by compress ratios [16]"),
+    (["parallel.cp=2", "train.seq_length=40"], 2, "not divisible by compress ratios [16]"),
+    (["train.eval_iters=2", "data.split='100,0,0'"], 1, "train.eval_iters=2 needs a validation split"),
+    (["train.eval_interval=-1"], 1, "train.eval_interval=-1"),
+    (["data.document_mask=true", "data.kind=mock"], 1, "data.document_mask=true needs documents"),
+    (["data.document_mask=true", "parallel.cp=2"], 2, "not supported with context parallelism"),
     (["parallel.cp=2", "train.seq_length=48"], 2, "per-CP-rank sequence"),
     (["model.compress_ratios=[0,4,16]"], 1, "model.compress_ratios has 3 entries"),
     (["model.compress_ratios=[0,4,16,4,-1,0]"], 1, "contains [-1]"),
@@ -73,6 +77,7 @@ def test_sound_configs_pass():
     validate(compose(["parallel=cpu_ep2_pp2"]), world_size=4)
     validate(compose(["parallel.tp=2", "parallel.sp=true"]), world_size=2)
     validate(compose(["parallel.ep=2", "parallel.etp=1"]), world_size=2)
+    validate(compose(["train.seq_length=61"]), world_size=1)  # trailing tokens are not compressed
 
 
 def test_plan_only_needs_no_data_paths():
