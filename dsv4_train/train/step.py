@@ -90,6 +90,40 @@ def wire_model_config(model_chunks: List[torch.nn.Module], optimizer) -> None:
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
 
+def run_schedule(*, data_iterator, model_chunks, num_microbatches, seq_length, micro_batch_size, hc_mult,
+                 forward_only: bool):
+    """Megatron's forward(-backward) schedule over `num_microbatches` micro-batches of the stream;
+    returns the per-micro-batch loss reports (last pipeline stage; empty elsewhere)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from dsv4_train.model.model import pipeline_micro_batch_size
+
+    # One copy of the micro-batch stream per chunk: every virtual stage reads every micro-batch.
+    iterators = data_iterator if len(model_chunks) == 1 else list(itertools.tee(data_iterator, len(model_chunks)))
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators,
+        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=pipeline_micro_batch_size(micro_batch_size, hc_mult),  # folded streams (model.py)
+        forward_only=forward_only,
+    )
+
+
+def mean_reported_loss(outputs, model_chunks) -> float:
+    """Token-weighted mean of the reported (sum, count) pairs over every rank (identical everywhere).
+    Every rank joins the reduction; non-last pipeline stages contribute zeros; TP/CP ranks each hold
+    a copy of (a share of) the same tokens, so the ratio is the global mean."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for micro in outputs or []:
+        totals += micro["lm_loss"].detach().to("cpu", torch.float64)
+    totals = totals.to(_module_device(model_chunks[0]))
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
 def train_step(
     *,
     data_iterator: Iterator,
@@ -103,38 +137,17 @@ def train_step(
     drain_aux_losses,
 ) -> StepResult:
     """hc_mult: the model's mHC stream count (the pipeline p2p carries streams in the batch dim)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from dsv4_train.model.model import pipeline_micro_batch_size
-
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    # One copy of the micro-batch stream per chunk: every virtual stage reads every micro-batch.
-    iterators = data_iterator if len(model_chunks) == 1 else list(itertools.tee(data_iterator, len(model_chunks)))
-    outputs = forward_backward(
-        forward_step_func=forward_step,
-        data_iterator=iterators,
-        model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=pipeline_micro_batch_size(micro_batch_size, hc_mult),  # folded streams (model.py)
-        forward_only=False,
+    outputs = run_schedule(
+        data_iterator=data_iterator, model_chunks=model_chunks, num_microbatches=num_microbatches,
+        seq_length=seq_length, micro_batch_size=micro_batch_size, hc_mult=hc_mult, forward_only=False,
     )
     update_successful, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
 
-    # Every rank joins the reductions; non-last pipeline stages contribute zeros.
-    totals = torch.zeros(2, dtype=torch.float64)
-    for micro in outputs or []:
-        totals += micro["lm_loss"].detach().to("cpu", torch.float64)
-    device = _module_device(model_chunks[0])
-    totals = totals.to(device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    # TP/CP ranks each hold a copy of (a share of) the same tokens: the ratio is the global mean.
-    lm_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    lm_loss = mean_reported_loss(outputs, model_chunks)
     lr = optimizer.param_groups[0]["lr"]
     return StepResult(
         lm_loss=lm_loss,
