@@ -186,12 +186,16 @@ class _BlockSparseAttention(torch.autograd.Function):
             peak = torch.maximum(window.amax(-1), sink_logit)  # the window always holds the query
             if entries is not None and entries.shape[-1]:
                 peak = torch.maximum(peak, entries.amax(-1))
-            total = torch.exp(window - peak.unsqueeze(-1)).sum(-1) + torch.exp(sink_logit - peak)
+            # As torch.softmax does: exp(x - max) / sum (the sink joins the sum); the backward
+            # rebuilds the same probabilities from the log-sum-exp.
+            window = torch.exp(window - peak.unsqueeze(-1))
+            total = window.sum(-1) + torch.exp(sink_logit - peak)
             if entries is not None:
-                total = total + torch.exp(entries - peak.unsqueeze(-1)).sum(-1)
+                entries = torch.exp(entries - peak.unsqueeze(-1))
+                total = total + entries.sum(-1)
             block_lse = peak + torch.log(total)  # [B, H, b]
-            probs_window = torch.exp(window - block_lse.unsqueeze(-1))
-            probs_entries = None if entries is None else torch.exp(entries - block_lse.unsqueeze(-1))
+            probs_window = window / total.unsqueeze(-1)
+            probs_entries = None if entries is None else entries / total.unsqueeze(-1)
             out[:, :, t0:t1] = _apply_values(probs_window, probs_entries, keys, window_kv.dtype)
             lse[:, :, t0:t1] = block_lse
         ctx.save_for_backward(q, window_kv, compressed, sink, topk, out, lse)
