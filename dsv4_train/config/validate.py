@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from dsv4_train.config.derive import parse_layout
 from dsv4_train.config.model import ATTENTION_BACKENDS
+from dsv4_train.model.blocking import context_parallel_halo
 
 PRECISIONS = ("fp32", "bf16")
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -192,13 +193,14 @@ def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
                 f"the per-CP-rank sequence train.seq_length / cp = {local} is not divisible by "
                 f"compress ratios {bad}; compressed blocks must not straddle CP ranks."
             )
-        if m.sliding_window - 1 > local:
-            # The window halo comes from the previous CP rank only (parallel/context.py).
+        halo = context_parallel_halo(m.sliding_window, m.compress_ratios)
+        if halo > local:
+            # The halo comes from the previous CP rank only (parallel/context.py, model/blocking.py).
             problems.append(
-                f"model.sliding_window={m.sliding_window} reaches {m.sliding_window - 1} tokens back, more "
-                f"than one CP rank holds (train.seq_length / parallel.cp = {t.seq_length}/{p.cp} = {local}); "
-                f"lower parallel.cp so that every rank holds at least {m.sliding_window - 1} tokens, or raise "
-                "train.seq_length."
+                f"the attention reaches {halo} tokens back (model.sliding_window={m.sliding_window}, compression "
+                f"blocks of model.compress_ratios), more than one CP rank holds (train.seq_length / parallel.cp = "
+                f"{t.seq_length}/{p.cp} = {local}); lower parallel.cp so that every rank holds at least {halo} "
+                "tokens, or raise train.seq_length."
             )
 
 
@@ -330,11 +332,6 @@ def check_io(cfg, problems: List[str]) -> None:
         )
     if d.document_mask and d.kind == "mock":
         problems.append("data.document_mask=true needs documents with EOD tokens; data.kind=mock has none (use embedded or indexed data).")
-    if d.document_mask and cfg.parallel.cp > 1:
-        problems.append(
-            "data.document_mask=true is not supported with context parallelism yet (parallel.cp="
-            f"{cfg.parallel.cp}); use parallel.cp=1 or data.document_mask=false."
-        )
     t = cfg.train
     if t.eval_interval < 0 or t.eval_iters < 0:
         problems.append(

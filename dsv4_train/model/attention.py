@@ -222,9 +222,10 @@ class HybridAttention(MegatronModule):
         if self.config.sequence_parallel and self.config.tensor_model_parallel_size > 1:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         seq_len, batch, _ = x.shape
-        if documents is not None and cp is not None:
-            raise ValueError("packed documents under context parallelism are not supported yet; use parallel.cp=1.")
-        positions = documents.positions if documents is not None else self._positions(position_ids, seq_len, x.device)
+        if documents is not None:
+            positions = documents.positions[:, documents.local]  # [B, T], restarting per document
+        else:
+            positions = self._positions(position_ids, seq_len, x.device)
         cos, sin = rope_tables(self.rotary, positions)  # [T, B | 1, r/2]
 
         c_q = self.q_norm(self.wq_a(x))  # [T, B, q_lora_rank]
@@ -236,24 +237,33 @@ class HybridAttention(MegatronModule):
         halo = previous = None
         if cp is not None:
             halo = cp_context.previous_rows(x, cp)  # [h, B, hidden]
-            halo_cos, halo_sin = rope_tables(self.rotary, cp.halo_positions.to(x.device))
+            halo_positions = cp.halo_positions.to(x.device) if documents is None else documents.halo_positions(cp.halo)
+            halo_cos, halo_sin = rope_tables(self.rotary, halo_positions)
             kv = torch.cat((self._window_kv(halo, halo_cos, halo_sin), kv), dim=1)  # [B, h + T, c]
             if cp.rank > 0:
                 previous = halo[halo.shape[0] - CSA_RATIO :]  # the block before ours (overlapping compressors)
         blocks = documents.blocks(self.ratio) if documents is not None and self.ratio else None
         layout = KeyLayout(
             self.window, halo=cp.halo if cp else 0, offset=cp.offset if cp else 0, ratio=self.ratio,
-            documents=DocumentMasks.of(documents, blocks, seq_len) if documents is not None else None,
+            documents=DocumentMasks.of(documents, blocks) if documents is not None else None,
         )
+        # Packed documents under CP: blocks start anywhere; each rank compresses the blocks that end
+        # on it from its halo + rows, and the entries are summed over ranks (model/documents.py).
+        extended = None
+        if blocks is not None and cp is not None:
+            extended = (torch.cat((halo, x)), (cp.offset - cp.halo, cp.offset, cp.offset + seq_len))
 
-        compressed = None
+        compressed = indexer_keys = None
         if self.compressor is not None:
-            compressed = self.compressor(x, positions, previous=previous, blocks=blocks)  # [B, N, c]
-            if cp is not None:
-                compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
+            if extended is not None:
+                compressed, indexer_keys = self._sum_owned_entries(extended, positions, blocks, cp)
+            else:
+                compressed = self.compressor(x, positions, previous=previous, blocks=blocks)  # [B, N, c]
+                if cp is not None:
+                    compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
             compressed = copy_to_tp_region(compressed, self.wq_b.tp_group).to(kv.dtype)
 
-        inputs = (x, c_q, q, kv, compressed, positions, previous, layout, cp)
+        inputs = (x, c_q, q, kv, compressed, positions, (previous, indexer_keys), layout, cp)  # rows: (previous block, CP+documents indexer keys)
         if self.backend == "dense":
             out, indexer_loss = self._dense_core(*inputs)
         else:
@@ -266,18 +276,21 @@ class HybridAttention(MegatronModule):
         return output
 
     # ------------------------------------------------------------------------------------------
-    def _dense_core(self, x, c_q, q, kv, compressed, positions, previous, layout, cp):
+    def _dense_core(self, x, c_q, q, kv, compressed, positions, rows, layout, cp):
         """Reference: one [B, H, T, T+N] masked score tensor (kept for backward)."""
         seq_len, batch = x.shape[:2]
         allowed = window_mask(seq_len, self.window, x.device, halo=layout.halo, offset=layout.offset)  # [T, h+T]
         docs = layout.documents
-        if docs is not None:
-            allowed = allowed & docs.documents.same_document(slice(None), slice(None))  # [B, T, T]
+        if docs is not None:  # [B, T, h + T], global indices
+            queries = torch.arange(seq_len, device=x.device) + layout.offset
+            keys = torch.arange(kv.shape[1], device=x.device) + layout.offset - layout.halo
+            allowed = allowed & docs.documents.same_document_at(queries, keys)
         num_window_keys = kv.shape[1]
         scores = support = None
         if compressed is not None:
             if docs is not None:
-                visible = docs.blocks.visible(docs.documents, slice(None), compressed.shape[1])  # [B, T, N]
+                local = slice(layout.offset, layout.offset + seq_len)
+                visible = docs.blocks.visible(docs.documents, local, compressed.shape[1])  # [B, T, N]
             else:
                 visible = compressed_visibility(  # [T, N]
                     seq_len, self.ratio, x.device, offset=layout.offset, num_entries=compressed.shape[1]
@@ -285,7 +298,7 @@ class HybridAttention(MegatronModule):
             support = visible
             if self.indexer is not None and self._phase() != "dense":
                 scores = self.indexer.scores(
-                    x, c_q, positions, visible, previous=previous, cp=cp, blocks=layout.blocks
+                    x, c_q, positions, visible, previous=rows[0], cp=cp, blocks=layout.blocks, precomputed=rows[1]
                 )  # [B, T, N]
                 if self._phase() == "sparse":
                     support = self.indexer.select(scores, visible)
@@ -307,13 +320,13 @@ class HybridAttention(MegatronModule):
             indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full, cp=cp)
         return out, indexer_loss
 
-    def _sparse_core(self, x, c_q, q, kv, compressed, positions, previous, layout, cp):
+    def _sparse_core(self, x, c_q, q, kv, compressed, positions, rows, layout, cp):
         """Blockwise / flex: nothing of size T x T (or T x N x heads) is kept; same results."""
         block = self.model_cfg.attention_block_size
         use_indexer = self.indexer is not None and self._phase() != "dense"
         keys = topk = None
         if use_indexer:
-            keys = self.indexer.keys(x, positions, previous, cp, blocks=layout.blocks)  # [B, N, cI]
+            keys = self.indexer.keys(x, positions, rows[0], cp, blocks=layout.blocks, precomputed=rows[1])  # [B, N, cI]
             if self._phase() == "sparse":
                 topk = self.indexer.select_topk(x, c_q, positions, keys, layout, block)  # [B, T, k]
         q = q.contiguous()
@@ -332,6 +345,20 @@ class HybridAttention(MegatronModule):
         return out, indexer_loss
 
     # ------------------------------------------------------------------------------------------
+    def _sum_owned_entries(self, extended, positions, blocks, cp):
+        """Packed documents under CP: this rank compresses the blocks that end on it (from its halo +
+        rows); ONE sum over the CP ranks carries the main entries and the indexer keys together, so
+        every rank runs the same collectives in backward in the same order. -> (main [B, N, c],
+        indexer keys [B, N, cI] or None)."""
+        rows, span = extended
+        parts = [self.compressor(rows, positions, blocks=blocks, span=span)]
+        if self.indexer is not None and self._phase() != "dense":
+            parts.append(self.indexer.compressor(rows.detach(), positions, blocks=blocks, span=span))
+        summed = cp_context.sum_entries(torch.cat([p.float() for p in parts], dim=-1), cp)
+        main = summed[..., : self.head_dim].to(parts[0].dtype)
+        keys = summed[..., self.head_dim :].to(parts[-1].dtype) if len(parts) > 1 else None
+        return main, keys
+
     def _window_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [T, B, hidden] -> the single K=V head [B, T, c] (normed, RoPE tables [T, B | 1, r/2])."""
         kv = apply_interleaved_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [T, B, c]

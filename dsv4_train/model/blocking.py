@@ -30,3 +30,13 @@ def auto_block_size(elements_of_block) -> int:
     while block > MIN_BLOCK and elements_of_block(block) > WORKING_ELEMENTS_PER_BLOCK:
         block //= 2
     return block
+
+
+def context_parallel_halo(window: int, compress_ratios) -> int:
+    """Rows of the previous context-parallel rank an attention layer needs: the window minus the
+    query itself; and, since packed documents make compression blocks start anywhere, a whole block
+    that ends on this rank (ratio - 1 rows) plus, for the overlapping ratio-4 compressors, the
+    previous block too (2 * 4 - 1 rows)."""
+    ratios = [r for r in compress_ratios if r > 0]
+    blocks = max([r - 1 for r in ratios] + [2 * 4 - 1 for r in ratios if r == 4] + [0])
+    return max(window - 1, blocks)

@@ -63,16 +63,19 @@ class Compressor(nn.Module):
         return seq_len // self.ratio
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, blocks=None
+        self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, blocks=None,
+        span=None,
     ) -> torch.Tensor:
         """x: [T, B, hidden]; positions: [T] (RoPE positions of the tokens) -> [B, T // ratio, head_dim].
 
         previous: [ratio, B, hidden] rows right before x (CP halo) or None (x starts the sequence);
         only overlapping compressors read it. blocks: packed documents' `documents.Blocks` (blocks
-        restart per document) -> [B, N, head_dim], zero rows where a row has fewer blocks.
+        restart per document) -> [B, N, head_dim], zero rows where a row has fewer blocks. span:
+        under context parallelism (first, begin, end): x holds global rows first.. (halo + this
+        rank's rows) and only the blocks ending in [begin, end) are computed (zeros elsewhere).
         """
         if blocks is not None:
-            return self._forward_blocks(x, blocks)
+            return self._forward_blocks(x, blocks, span)
         seq_len, batch, _ = x.shape
         m, c = self.ratio, self.head_dim
         n = self.num_entries(seq_len)
@@ -107,14 +110,19 @@ class Compressor(nn.Module):
         cos, sin = self.rotary.cos_sin(block_positions)  # [n, r/2] or [B, n, r/2]
         return apply_interleaved_rope(compressed, cos, sin)
 
-    def _forward_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+    def _forward_blocks(self, x: torch.Tensor, blocks, span=None) -> torch.Tensor:
         """Document-aligned blocks: each block's rows gathered by index (see documents.Blocks)."""
         batch, c = x.shape[1], self.head_dim
         if blocks.start.shape[1] == 0:
             return x.new_zeros(batch, 0, c)
         rows = torch.arange(batch, device=x.device)[:, None, None]
-        values = self.wkv(x).transpose(0, 1)[rows, blocks.token_index]  # [B, N, m, width]
-        logits = self.wgate(x).transpose(0, 1)[rows, blocks.token_index] + self.ape.float()
+        index, keep = blocks.token_index, blocks.valid
+        if span is not None:  # blocks this rank owns; others (and their indices) are don't-cares
+            first, begin, end = span
+            index = (index - first).clamp(0, x.shape[0] - 1)
+            keep = keep & (blocks.end >= begin) & (blocks.end < end)
+        values = self.wkv(x).transpose(0, 1)[rows, index]  # [B, N, m, width]
+        logits = self.wgate(x).transpose(0, 1)[rows, index] + self.ape.float()
         if self.overlap:
             # Previous block of the same document, or none (zero values, -inf logits).
             has_previous = blocks.previous[:, :, None, None]
@@ -124,4 +132,4 @@ class Compressor(nn.Module):
             values = torch.cat((prev_values, values[..., c:]), dim=2)  # [B, N, 2m, c]
             logits = torch.cat((prev_logits, logits[..., c:]), dim=2)
         compressed = self._finish(values, logits, blocks.position, x.dtype)
-        return compressed * blocks.valid[..., None].to(compressed.dtype)
+        return compressed * keep[..., None].to(compressed.dtype)

@@ -29,11 +29,33 @@ import torch
 
 @dataclass
 class Documents:
-    segment_ids: torch.Tensor  # [B, T] int64
-    positions: torch.Tensor  # [B, T] int64, position inside the document (RoPE)
+    """Documents of the whole sequence [B, S]; under context parallelism this rank's queries are
+    rows offset .. offset + local_len - 1 (every index here is a global sequence index)."""
+
+    segment_ids: torch.Tensor  # [B, S] int64
+    positions: torch.Tensor  # [B, S] int64, position inside the document (RoPE)
+    offset: int = 0
+    local_len: int = -1  # -1: the whole sequence
+
+    @property
+    def local(self) -> slice:
+        return slice(self.offset, self.offset + (self.local_len if self.local_len >= 0 else self.segment_ids.shape[1]))
+
+    def halo_positions(self, halo: int) -> torch.Tensor:
+        """[B, halo] RoPE positions of the rows before this rank's (zeros before the sequence start)."""
+        start = self.offset - halo
+        if start >= 0:
+            return self.positions[:, start : self.offset]
+        pad = self.positions.new_zeros(self.positions.shape[0], -start)
+        return torch.cat((pad, self.positions[:, : self.offset]), dim=1)
+
+    def same_document_at(self, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Bool [B, len(rows), len(keys)] for global row / key indices (keys < 0: never)."""
+        same = self.segment_ids[:, rows, None] == self.segment_ids[:, None, keys.clamp(min=0)]
+        return same & (keys >= 0)[None, None, :]
 
     @staticmethod
-    def from_segment_ids(segment_ids: torch.Tensor) -> "Documents":
+    def from_segment_ids(segment_ids: torch.Tensor, *, offset: int = 0, local_len: int = -1) -> "Documents":
         if segment_ids.dim() != 2:
             raise ValueError(f"segment_ids must be [batch, seq] integers; got shape {tuple(segment_ids.shape)}.")
         segment_ids = segment_ids.long()
@@ -45,7 +67,7 @@ class Documents:
         starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
         # First token of each token's document: running max of the start indices.
         doc_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-        return Documents(segment_ids=segment_ids, positions=index - doc_start)
+        return Documents(segment_ids=segment_ids, positions=index - doc_start, offset=offset, local_len=local_len)
 
     def blocks(self, ratio: int) -> "Blocks":
         """The compression blocks of every row (cached per ratio)."""

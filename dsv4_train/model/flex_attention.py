@@ -75,8 +75,8 @@ def document_block_mask(layout: KeyLayout, batch: int, seq_len: int, num_window_
     from torch.nn.attention.flex_attention import create_block_mask
 
     docs = layout.documents
-    segment = docs.documents.segment_ids  # [B, T]
-    window = layout.window
+    segment = docs.documents.segment_ids  # [B, S] (global indices, like layout.offset)
+    window, halo, offset = layout.window, layout.halo, layout.offset
     if docs.blocks is not None and num_entries:
         entry_segment = torch.where(docs.blocks.valid, docs.blocks.segment, -1)[:, :num_entries]
         entry_end = docs.blocks.end[:, :num_entries]
@@ -85,13 +85,14 @@ def document_block_mask(layout: KeyLayout, batch: int, seq_len: int, num_window_
         entry_end = torch.zeros((batch, 1), device=device, dtype=torch.long)
 
     def visible(b, head, q_idx, kv_idx):
-        key = kv_idx.clamp(max=num_window_keys - 1)
-        distance = q_idx - kv_idx
-        in_window = (kv_idx < num_window_keys) & (distance >= 0) & (distance < window)
-        in_window = in_window & (segment[b, q_idx] == segment[b, key])
+        query = q_idx + offset
+        key = kv_idx - halo + offset  # global position of a window key
+        distance = query - key
+        in_window = (kv_idx < num_window_keys) & (distance >= 0) & (distance < window) & (key >= 0)
+        in_window = in_window & (segment[b, query] == segment[b, key.clamp(min=0, max=segment.shape[1] - 1)])
         entry = (kv_idx - num_window_keys).clamp(min=0, max=entry_segment.shape[1] - 1)
-        in_entries = (kv_idx >= num_window_keys) & (entry_segment[b, entry] == segment[b, q_idx])
-        in_entries = in_entries & (entry_end[b, entry] <= q_idx)
+        in_entries = (kv_idx >= num_window_keys) & (entry_segment[b, entry] == segment[b, query])
+        in_entries = in_entries & (entry_end[b, entry] <= query)
         return in_window | in_entries
 
     return create_block_mask(

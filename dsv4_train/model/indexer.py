@@ -97,18 +97,23 @@ class LightningIndexer(MegatronModule):
         )
 
     def keys(
-        self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, cp=None, blocks=None
+        self, x: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor] = None, cp=None, blocks=None,
+        precomputed: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The indexer's compressed keys [B, N, cI] of the whole sequence (gathered over CP).
 
         Computed from the detached x; gradients reach only the indexer's own compressor. blocks:
-        packed documents' ratio-4 blocks (the main CSA compressor's), or None.
+        packed documents' ratio-4 blocks (the main CSA compressor's), or None; precomputed: the keys
+        of every rank already summed (packed documents under CP, see HybridAttention).
         """
-        keys = self.compressor(
-            x.detach(), positions, previous=None if previous is None else previous.detach(), blocks=blocks
-        )
-        if cp is not None:
-            keys = gather_entries(keys, cp)  # [B, N, cI]
+        if precomputed is not None:
+            keys = precomputed
+        else:
+            keys = self.compressor(
+                x.detach(), positions, previous=None if previous is None else previous.detach(), blocks=blocks
+            )
+            if cp is not None:
+                keys = gather_entries(keys, cp)  # [B, N, cI]
         return copy_to_tp_region(keys, self.wq_b.tp_group)
 
     def queries(self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor):
@@ -133,7 +138,7 @@ class LightningIndexer(MegatronModule):
 
     def scores(
         self, x: torch.Tensor, c_q: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
-        previous: Optional[torch.Tensor] = None, cp=None, blocks=None,
+        previous: Optional[torch.Tensor] = None, cp=None, blocks=None, precomputed=None,
     ) -> torch.Tensor:
         """Index scores [B, T, N] in fp32, -inf where `visible` [T, N] / [B, T, N] is False (dense reference).
 
@@ -142,7 +147,7 @@ class LightningIndexer(MegatronModule):
         block before x (None on the first rank), `cp` the slice; the keys of every rank are gathered
         so the top-k sees every visible entry of the sequence.
         """
-        keys = self.keys(x, positions, previous, cp, blocks=blocks)
+        keys = self.keys(x, positions, previous, cp, blocks=blocks, precomputed=precomputed)
         q, weights = self.queries(x, c_q, positions)
         return self.score(q, weights, keys).masked_fill(~visible, float("-inf"))
 

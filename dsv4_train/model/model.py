@@ -171,13 +171,11 @@ class DSV4Model(LanguageModule):
             return self._forward(input_ids, position_ids, labels, loss_mask, segment_ids)
 
     def _forward(self, input_ids, position_ids, labels, loss_mask, segment_ids=None) -> torch.Tensor:
-        documents = None
         if segment_ids is not None:
             if segment_ids.shape != input_ids.shape:
                 raise ValueError(
                     f"segment_ids has shape {tuple(segment_ids.shape)}; it must match input_ids {tuple(input_ids.shape)}."
                 )
-            documents = Documents.from_segment_ids(segment_ids.to(input_ids.device))
             position_ids = None
         positions = self._attention_positions(position_ids)
         batch, seq = input_ids.shape
@@ -186,6 +184,15 @@ class DSV4Model(LanguageModule):
             if positions is None:
                 positions = torch.arange(seq, device=input_ids.device) + self.cp_group.rank() * seq
             cp = cp_context.build_slice(positions, group=self.cp_group, halo=self.cp_halo)
+        documents = None
+        if segment_ids is not None:
+            segment_ids = segment_ids.to(input_ids.device)
+            if cp is not None:  # the documents of the whole sequence; this rank's rows are a slice
+                documents = Documents.from_segment_ids(
+                    cp_context.gather_sequence(segment_ids, cp), offset=cp.offset, local_len=seq
+                )
+            else:
+                documents = Documents.from_segment_ids(segment_ids)
         token_ids = input_ids.t()  # [s, b], the layout of the hidden states (hash routing)
         if self.pre_process:
             embedded = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, d]
@@ -234,12 +241,13 @@ class DSV4Model(LanguageModule):
         mtp_streams, mtp_ids, mtp_labels = streams, input_ids, labels
         mask = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         # Packed documents: depth k at position t reads token t+1+k, which must be in t's document.
-        shifted_segments = None if documents is None else documents.segment_ids + 1  # 0 = past the end
+        local_segments = None if documents is None else documents.segment_ids[:, documents.local] + 1
+        shifted_segments = local_segments  # 0 = past the end
         for depth, layer in enumerate(self.mtp):
             keep = None
             if shifted_segments is not None:
                 shifted_segments = cp_context.roll_left(shifted_segments, group)
-                keep = (shifted_segments == documents.segment_ids + 1).to(input_ids.dtype)
+                keep = (shifted_segments == local_segments).to(input_ids.dtype)
             out, mtp_streams, mtp_ids = layer(
                 streams=mtp_streams, input_ids=mtp_ids, embedding=self.embedding, position_ids=positions, cp=cp,
                 documents=documents, keep=keep,

@@ -42,7 +42,8 @@ class DocumentMasks:
     prefix: list  # per query t: entries any row's query <= t may see (Blocks.visible_prefix)
 
     @staticmethod
-    def of(documents, blocks, seq_len: int) -> "DocumentMasks":
+    def of(documents, blocks) -> "DocumentMasks":
+        seq_len = documents.segment_ids.shape[1]
         return DocumentMasks(documents, blocks, blocks.visible_prefix(seq_len) if blocks is not None else [])
 
 
@@ -61,7 +62,7 @@ class KeyLayout:
     halo: int = 0
     offset: int = 0
     ratio: int = 0
-    documents: Optional[DocumentMasks] = None  # packed documents (no halo / CP with them)
+    documents: Optional[DocumentMasks] = None  # packed documents (global indices, like offset)
 
     @property
     def blocks(self):
@@ -77,8 +78,10 @@ class KeyLayout:
         t = torch.arange(t0, t1, device=device) + self.halo
         distance = t[:, None] - torch.arange(j0, j1, device=device)[None, :]
         allowed = (distance >= 0) & (distance < self.window)
-        if self.documents is not None:  # [B, b, L]: and within one document
-            allowed = allowed & self.documents.documents.same_document(slice(t0, t1), slice(j0, j1))
+        if self.documents is not None:  # [B, b, L]: and within one document (global indices)
+            shift = self.offset - self.halo
+            rows = torch.arange(t0, t1, device=device) + self.offset
+            allowed = allowed & self.documents.documents.same_document_at(rows, torch.arange(j0, j1, device=device) + shift)
         return allowed
 
     def entries_visible(self, t1: int, num_entries: int) -> int:
@@ -86,13 +89,14 @@ class KeyLayout:
         if not self.ratio or t1 <= 0:
             return 0
         if self.documents is not None:
-            return min(num_entries, self.documents.prefix[t1 - 1])
+            return min(num_entries, self.documents.prefix[self.offset + t1 - 1])
         return min(num_entries, (self.offset + t1) // self.ratio)
 
     def entries_allowed(self, t0: int, t1: int, count: int, device) -> torch.Tensor:
         """Bool [t1 - t0, count] (or [B, t1 - t0, count] with documents): entry s visible to query t."""
         if self.documents is not None:
-            return self.documents.blocks.visible(self.documents.documents, slice(t0, t1), count)
+            rows = slice(self.offset + t0, self.offset + t1)
+            return self.documents.blocks.visible(self.documents.documents, rows, count)
         limit = (torch.arange(t0, t1, device=device) + self.offset + 1) // self.ratio
         return torch.arange(count, device=device)[None, :] < limit[:, None]
 

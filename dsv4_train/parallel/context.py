@@ -34,6 +34,8 @@ from typing import Dict, Optional
 import torch
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
+from dsv4_train.model.blocking import context_parallel_halo
+
 
 @dataclass
 class ContextParallelSlice:
@@ -60,10 +62,35 @@ class ContextParallelSlice:
 
 
 def halo_size(model_cfg) -> int:
-    """Rows of the previous rank an attention layer needs: the window minus the query itself, and a
-    full compression block for the overlapping (ratio-4) compressors of CSA and the indexer."""
-    overlapping = 4 if any(r == 4 for r in model_cfg.compress_ratios) else 0
-    return max(model_cfg.sliding_window - 1, overlapping)
+    """Rows of the previous rank an attention layer needs (model/blocking.py)."""
+    return context_parallel_halo(model_cfg.sliding_window, model_cfg.compress_ratios)
+
+
+def gather_sequence(tensor: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
+    """[b, L] of this rank -> [b, cp * L], the whole sequence on every rank (not differentiable)."""
+    return _all_gather_first_dim(tensor.t().contiguous(), cp.group).t()
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce sum whose backward is an all-reduce sum too: every rank's loss uses the sum."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_entries(entries: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
+    """[B, N, c] entries, each computed by exactly one rank (zeros elsewhere) -> all of them on every rank."""
+    return _SumOverRanks.apply(entries, cp.group)
 
 
 def build_slice(positions: torch.Tensor, *, group, halo: int) -> Optional[ContextParallelSlice]:

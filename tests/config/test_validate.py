@@ -33,7 +33,6 @@ CASES = [
     (["train.eval_iters=2", "data.split='100,0,0'"], 1, "train.eval_iters=2 needs a validation split"),
     (["train.eval_interval=-1"], 1, "train.eval_interval=-1"),
     (["data.document_mask=true", "data.kind=mock"], 1, "data.document_mask=true needs documents"),
-    (["data.document_mask=true", "parallel.cp=2"], 2, "not supported with context parallelism"),
     (["parallel.cp=2", "train.seq_length=48"], 2, "per-CP-rank sequence"),
     (["model.compress_ratios=[0,4,16]"], 1, "model.compress_ratios has 3 entries"),
     (["model.compress_ratios=[0,4,16,4,-1,0]"], 1, "contains [-1]"),

@@ -28,6 +28,13 @@ CASES = [(0, "sparse"), (1, "sparse"), (1, "warmup"), (2, "sparse"), (5, "sparse
 # The reference is always the unsplit DENSE module; the CP slice runs each backend (blockwise with
 # blocks of 8 queries, so blocks, the halo and the top-k all cross the split).
 BACKENDS = ("dense", "blockwise")
+# Packed documents (second pass): boundaries and compression blocks of both ratios straddle the
+# split at 32 (row 0: document 5..44 has a 16-block 21..36 and 4-blocks across 32; row 1 likewise).
+DOCUMENTS = [[5, 40, 3, 16], [17, 9, 38]]
+
+
+def _segments(lengths):
+    return torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,7 +60,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     local = SEQ // world
     rows = slice(rank * local, (rank + 1) * local)
     results = {}
-    for (layer_index, phase), backend in itertools.product(CASES, BACKENDS):
+    from dsv4_train.model.documents import Documents
+
+    segments = torch.stack([_segments(lengths) for lengths in DOCUMENTS])  # [B, S]
+    runs = [(case, backend, False) for case, backend in itertools.product(CASES, BACKENDS)]
+    runs += [(case, backend, True) for case, backend in itertools.product(CASES, BACKENDS)]
+    for (layer_index, phase), backend, packed in runs:
         ref_cfg = tiny_model_config(init_std=0.2, indexer_phase=phase, attention_backend="dense")
         cfg = dataclasses.replace(ref_cfg, attention_backend=backend, attention_block_size=8)
         torch.manual_seed(0)
@@ -65,8 +77,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         weight = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
 
         # Reference: the unsplit sequence.
+        full_docs = Documents.from_segment_ids(segments) if packed else None
         full_x = x.clone().requires_grad_(True)
-        full_out = reference(full_x)
+        full_out = reference(full_x, documents=full_docs)
         (full_out * weight).sum().backward()
         full_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
         full_aux = aux_losses.drain()
@@ -75,10 +88,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         part_x = x[rows].clone().requires_grad_(True)
         positions = torch.arange(SEQ)[rows]
         cp = cp_context.build_slice(positions, group=group, halo=cp_context.halo_size(cfg))
-        part_out = module(part_x, position_ids=positions, cp=cp)
+        part_docs = Documents.from_segment_ids(segments, offset=cp.offset, local_len=local) if packed else None
+        part_out = module(part_x, position_ids=positions, cp=cp, documents=part_docs)
         (part_out * weight[rows]).sum().backward()
         part_aux = aux_losses.drain()
-        case = f"{backend}-layer{layer_index}-{phase}"
+        case = f"{backend}-layer{layer_index}-{phase}" + ("-documents" if packed else "")
         results[f"{case}/out"] = _relative(part_out.detach(), full_out.detach()[rows])
         results[f"{case}/dx"] = _relative(part_x.grad, full_x.grad[rows])
         assert set(full_grads) == {n for n, p in module.named_parameters() if p.grad is not None}, case
