@@ -23,7 +23,7 @@ DOCUMENTS = ["data.document_mask=true"]
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("documents")
     reference = harness.reference_run(root, DOCUMENTS)
-    plain = harness.reference_run(root / "plain")
+    plain = harness.reference_run(root / "plain", ["data.document_mask=false"])
     # The masks are active: the same data without them trains differently.
     assert harness.max_relative_differences(reference["metrics"], plain["metrics"])["lm_loss"] > 1e-4
     return {"root": root, **reference}
