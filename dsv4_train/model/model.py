@@ -132,6 +132,8 @@ class DSV4Model(LanguageModule):
             input_tensor = input_tensor[0] if input_tensor else None
         self.input_tensor = input_tensor
 
+    track_mtp_in_eval = False  # set by train/evaluate.py while it evaluates (val_mtp_loss)
+
     def set_mtp_loss_weight(self, weight: float) -> None:
         """MTP loss weight lambda (0.3, then 0.1 from the start of LR decay, spec §9)."""
         self.config.mtp_loss_scaling_factor = float(weight)
@@ -260,7 +262,7 @@ class DSV4Model(LanguageModule):
             local_sum = (self.compute_language_model_loss(mtp_labels, logits) * mask).sum()
             count = cp_context.sum_over(mask.sum(), cp).clamp(min=1)
             share = local_sum * cp_size / count
-            if self.training:
+            if self.training or self.track_mtp_in_eval:  # training, or an evaluation (val_mtp_loss)
                 correct, total = _compute_mtp_acceptance_counts(logits, mtp_labels, mask, self.output_layer, None, self.tp_group)
                 MTPLossLoggingHelper.save_metrics_to_tracker(
                     share.detach(), correct, total, depth, num_depths,

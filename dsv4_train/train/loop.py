@@ -193,11 +193,11 @@ def run_training(cfg: Config, derived) -> int:
             flush=True,
         )
 
-    def run_evaluation() -> float:
+    def run_evaluation() -> dict:
         return evaluate(
             make_iterator=data.make_valid_iterator, model_chunks=model_chunks, eval_iters=train_cfg.eval_iters,
             num_microbatches=derived.num_microbatches, seq_length=train_cfg.seq_length,
-            micro_batch_size=train_cfg.micro_batch_size, hc_mult=cfg.model.hc_mult,
+            micro_batch_size=train_cfg.micro_batch_size, hc_mult=cfg.model.hc_mult, collect_aux=_collect_aux_metrics,
         )
 
     state = start
@@ -238,7 +238,7 @@ def run_training(cfg: Config, derived) -> int:
             for name, value in result.aux.items():
                 metrics.setdefault(name, value)
             if evaluation_due(train_cfg, step):
-                metrics["val_loss"] = run_evaluation()
+                metrics.update(run_evaluation())
             sink.log(metrics, print_line=(step % train_cfg.log_interval == 0 or step == train_cfg.max_steps))
 
             interval = cfg.checkpoint.save_interval

@@ -2,8 +2,8 @@
 
 * Evaluating does not disturb training: per-step training metrics with evaluation equal those
   without (exactly: evaluation reads its own data stream and leaves no state behind).
-* `val_loss` appears at the configured steps and at the end, and is the same under DP2 and PP2 as
-  in one process within 1e-6 relative (fp32; the layouts only reorder sums: measured <= 1e-7).
+* `val_loss` and `val_mtp_loss` appear at the configured steps and at the end, and are the same
+  under DP2 and PP2 as in one process within 1e-6 relative (fp32; the layouts only reorder sums).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def test_evaluation_leaves_training_unchanged_and_reports_at_interval(reference)
         assert ("val_loss" in row) == expected, step
         assert "val_loss" not in plain["metrics"][step]
     assert 0 < reference["metrics"][2]["val_loss"] < 10
+    assert 0 < reference["metrics"][2]["val_mtp_loss"] < 10
 
 
 @pytest.mark.slow
@@ -44,5 +45,6 @@ def test_val_loss_is_layout_independent(reference, name, nproc, overrides):
     steps = [s for s, row in reference["metrics"].items() if "val_loss" in row]
     assert steps
     for step in steps:
-        ours, ref = metrics[step]["val_loss"], reference["metrics"][step]["val_loss"]
-        assert abs(ours - ref) <= TOLERANCE * abs(ref), (name, step, ours, ref)
+        for key in ("val_loss", "val_mtp_loss"):
+            ours, ref = metrics[step][key], reference["metrics"][step][key]
+            assert abs(ours - ref) <= TOLERANCE * abs(ref), (name, step, key, ours, ref)
