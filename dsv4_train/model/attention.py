@@ -57,6 +57,7 @@ from torch import nn
 from dsv4_train.config.model import ATTENTION_BACKENDS, ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelConfig
 from dsv4_train.model import aux_losses
 from dsv4_train.model.compressor import Compressor
+from dsv4_train.model.documents import Documents
 from dsv4_train.model.flex_attention import available as flex_available
 from dsv4_train.model.flex_attention import flex_joint_attention
 from dsv4_train.model.indexer import LightningIndexer, MainAttention, _without_sequence_parallel, indexer_kl_loss
@@ -67,7 +68,6 @@ from dsv4_train.model.parallel_linear import (
     reduce_from_tp_region,
 )
 from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
-from dsv4_train.model.documents import Documents
 from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary, rope_tables
 from dsv4_train.model.sparse_attention import DocumentMasks, KeyLayout, blockwise_attention
 from dsv4_train.parallel import context as cp_context
@@ -263,7 +263,8 @@ class HybridAttention(MegatronModule):
                     compressed = cp_context.gather_entries(compressed, cp)  # every entry of the sequence
             compressed = copy_to_tp_region(compressed, self.wq_b.tp_group).to(kv.dtype)
 
-        inputs = (x, c_q, q, kv, compressed, positions, (previous, indexer_keys), layout, cp)  # rows: (previous block, CP+documents indexer keys)
+        # The indexer's extra inputs: the CP previous block, the keys already summed over CP (documents).
+        inputs = (x, c_q, q, kv, compressed, positions, (previous, indexer_keys), layout, cp)
         if self.backend == "dense":
             out, indexer_loss = self._dense_core(*inputs)
         else:
@@ -276,7 +277,7 @@ class HybridAttention(MegatronModule):
         return output
 
     # ------------------------------------------------------------------------------------------
-    def _dense_core(self, x, c_q, q, kv, compressed, positions, rows, layout, cp):
+    def _dense_core(self, x, c_q, q, kv, compressed, positions, indexer_inputs, layout, cp):
         """Reference: one [B, H, T, T+N] masked score tensor (kept for backward)."""
         seq_len, batch = x.shape[:2]
         allowed = window_mask(seq_len, self.window, x.device, halo=layout.halo, offset=layout.offset)  # [T, h+T]
@@ -298,7 +299,8 @@ class HybridAttention(MegatronModule):
             support = visible
             if self.indexer is not None and self._phase() != "dense":
                 scores = self.indexer.scores(
-                    x, c_q, positions, visible, previous=rows[0], cp=cp, blocks=layout.blocks, precomputed=rows[1]
+                    x, c_q, positions, visible, previous=indexer_inputs[0], cp=cp, blocks=layout.blocks,
+                    precomputed=indexer_inputs[1],
                 )  # [B, T, N]
                 if self._phase() == "sparse":
                     support = self.indexer.select(scores, visible)
@@ -320,13 +322,15 @@ class HybridAttention(MegatronModule):
             indexer_loss = self.model_cfg.indexer_loss_coeff * indexer_kl_loss(scores, mass, support_full, cp=cp)
         return out, indexer_loss
 
-    def _sparse_core(self, x, c_q, q, kv, compressed, positions, rows, layout, cp):
+    def _sparse_core(self, x, c_q, q, kv, compressed, positions, indexer_inputs, layout, cp):
         """Blockwise / flex: nothing of size T x T (or T x N x heads) is kept; same results."""
         block = self.model_cfg.attention_block_size
         use_indexer = self.indexer is not None and self._phase() != "dense"
         keys = topk = None
         if use_indexer:
-            keys = self.indexer.keys(x, positions, rows[0], cp, blocks=layout.blocks, precomputed=rows[1])  # [B, N, cI]
+            keys = self.indexer.keys(  # [B, N, cI]
+                x, positions, indexer_inputs[0], cp, blocks=layout.blocks, precomputed=indexer_inputs[1]
+            )
             if self._phase() == "sparse":
                 topk = self.indexer.select_topk(x, c_q, positions, keys, layout, block)  # [B, T, k]
         q = q.contiguous()
