@@ -116,7 +116,7 @@ def speed(device, seqs, emit, smoke):
                 peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
                 planned = attention_layer_bytes(cfg, ratio=cfg.compress_ratios[layer_index], seq_length=seq,
                                                 micro_batch=1, backend="blockwise", act_bytes=2 if dtype == torch.bfloat16 else 4)
-                emit({"check": "speed", "kind": kind, "backend": module.backend, "seq": seq, "time_s": elapsed,
+                emit({"check": "speed", "kind": kind, "backend": module.backend(device), "seq": seq, "time_s": elapsed,
                       "peak_gib": None if peak is None else peak / 2**30, "plan_gib": planned / 2**30})
             except Exception as error:  # report and go on: one failing size must not hide the others
                 emit({"check": "speed", "kind": kind, "seq": seq, "error": f"{type(error).__name__}: {error}"[:500]})

@@ -127,12 +127,13 @@ def joint_softmax_attention(
     return out.view(batch, heads, seq_len, dim), probs
 
 
-def resolve_backend(choice: str) -> str:
-    """model.attention_backend -> "dense" | "blockwise" | "flex" ("auto": flex on CUDA)."""
-    if choice == "auto":
-        return "flex" if torch.cuda.is_available() and flex_available() else "blockwise"
+def resolve_backend(choice: str, device: torch.device) -> str:
+    """model.attention_backend -> "dense" | "blockwise" | "flex" for tensors on `device` ("auto":
+    flex where the activations are on CUDA, blockwise otherwise, e.g. run.device=cpu on a GPU host)."""
     if choice not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend={choice!r} is not one of {ATTENTION_BACKENDS}.")
+    if choice == "auto":
+        return "flex" if device.type == "cuda" and flex_available() else "blockwise"
     return choice
 
 
@@ -155,7 +156,8 @@ class HybridAttention(MegatronModule):
         self.eps = model_cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5  # no YaRN mscale (spec §8)
         self.rotary = layer_rotary(model_cfg, layer_index)
-        self.backend = resolve_backend(model_cfg.attention_backend)
+        self.backend_choice = model_cfg.attention_backend
+        resolve_backend(self.backend_choice, torch.device("cpu"))  # refuse an unknown name at build
         hidden, dtype = model_cfg.hidden_size, config.params_dtype
         col_config = _without_sequence_parallel(config)
 
@@ -265,7 +267,7 @@ class HybridAttention(MegatronModule):
 
         # The indexer's extra inputs: the CP previous block, the keys already summed over CP (documents).
         inputs = (x, c_q, q, kv, compressed, positions, (previous, indexer_keys), layout, cp)
-        if self.backend == "dense":
+        if self.backend(x.device) == "dense":
             out, indexer_loss = self._dense_core(*inputs)
         else:
             out, indexer_loss = self._sparse_core(*inputs)
@@ -334,7 +336,7 @@ class HybridAttention(MegatronModule):
             if self._phase() == "sparse":
                 topk = self.indexer.select_topk(x, c_q, positions, keys, layout, block)  # [B, T, k]
         q = q.contiguous()
-        if self.backend == "flex" and topk is None:
+        if self.backend(q.device) == "flex" and topk is None:
             out, lse = flex_joint_attention(q, kv, compressed, self.attn_sink, self.scale, layout)
         else:
             out, lse = blockwise_attention(
@@ -349,6 +351,10 @@ class HybridAttention(MegatronModule):
         return out, indexer_loss
 
     # ------------------------------------------------------------------------------------------
+    def backend(self, device: torch.device) -> str:
+        """The core attention implementation used for activations on `device`."""
+        return resolve_backend(self.backend_choice, device)
+
     def _sum_owned_entries(self, extended, positions, blocks, cp):
         """Packed documents under CP: this rank compresses the blocks that end on it (from its halo +
         rows); ONE sum over the CP ranks carries the main entries and the indexer keys together, so

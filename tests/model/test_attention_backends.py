@@ -55,7 +55,7 @@ def test_backend_equals_dense(build_attention, cpu_flex_backward, layer_index, p
     cfg = dataclasses.replace(reference_cfg, attention_backend=backend, attention_block_size=block)
     reference = build_attention(reference_cfg, layer_index, seed=3)
     candidate = build_attention(cfg, layer_index, seed=3)
-    assert candidate.backend == backend
+    assert candidate.backend(torch.device("cpu")) == backend
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(seq, BATCH, HIDDEN, generator=gen)
     upstream = torch.randn(seq, BATCH, HIDDEN, generator=gen)
@@ -101,6 +101,14 @@ def test_blockwise_keeps_linear_memory(build_attention, layer_index, phase):
     # Linear: 2x (+ the HCA/CSA entries and fixed-size weights); the dense reference shows ~4x.
     assert growth <= 2.1, growth
     assert dense_growth >= 3.0, dense_growth
+
+
+def test_auto_backend_follows_the_activations_device(build_attention):
+    module = build_attention(tiny_model_config(attention_backend="auto"), 1)
+    assert module.backend(torch.device("cpu")) == "blockwise"
+    assert module.backend(torch.device("cuda")) == "flex"  # decided per call: run.device=cpu on a GPU host stays blockwise
+    with pytest.raises(ValueError, match="attention_backend='fused'"):
+        build_attention(tiny_model_config(attention_backend="fused"), 1)
 
 
 def test_flex_refused_without_cuda_before_start():
