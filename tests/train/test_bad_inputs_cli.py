@@ -13,7 +13,7 @@ CASES = {
     "tp_not_dividing_heads": (["parallel.tp=3"], "parallel.tp"),
     "world_size_does_not_factorize": (["parallel.pp=2"], "world size"),
     "experts_not_divisible_by_ep": (["parallel.ep=3"], "parallel.ep"),
-    "seq_not_multiple_of_ratio": (["train.seq_length=72"], "seq_length"),
+    "seq_over_max_positions": (["train.seq_length=8192"], "max_position_embeddings"),
     "batch_not_divisible": (["train.global_batch_size=3", "train.micro_batch_size=2"], "global_batch_size"),
     "bad_precision": (["train.precision=fp8"], "precision"),
     "bad_decay_style": (["optim.decay_style=zigzag"], "decay_style"),
