@@ -76,10 +76,6 @@ class Documents:
             cache[ratio] = Blocks.of(self, ratio)
         return cache[ratio]
 
-    def same_document(self, rows: slice, keys: slice) -> torch.Tensor:
-        """Bool [B, len(rows), len(keys)]: query row and key token belong to one document."""
-        return self.segment_ids[:, rows, None] == self.segment_ids[:, None, keys]
-
 
 @dataclass
 class Blocks:
@@ -102,13 +98,11 @@ class Blocks:
     def of(docs: Documents, ratio: int) -> "Blocks":
         seg, pos = docs.segment_ids, docs.positions
         batch, seq = seg.shape
-        index = torch.arange(seq, device=seg.device)
-        last = index + ratio - 1  # a block starting at t ends at t + m - 1 ...
-        inside = last < seq
+        # A block starting at t ends at t + m - 1, inside the sequence and the same document.
         ends_in_doc = torch.zeros_like(seg, dtype=torch.bool)
         if seq >= ratio:
             ends_in_doc[:, : seq - ratio + 1] = seg[:, ratio - 1 :] == seg[:, : seq - ratio + 1]
-        is_start = (pos % ratio == 0) & inside & ends_in_doc  # ... inside the same document
+        is_start = (pos % ratio == 0) & ends_in_doc
         counts = is_start.sum(1)
         num = int(counts.max()) if batch else 0
         # Block starts in order, padded: sort start flags first (stable keeps sequence order).
@@ -140,7 +134,13 @@ class Blocks:
     def visible_prefix(self, seq: int) -> list:
         """Python list [T]: how many leading entries the queries up to t may see at most (max over
         rows; entries are in sequence order, so every entry a query sees is within this prefix).
-        One host copy per layer call."""
+        One host copy per micro-batch and ratio (cached: every layer of that ratio reuses it)."""
+        cache: Dict[int, list] = self.__dict__.setdefault("_prefix", {})
+        if seq not in cache:
+            cache[seq] = self._prefix(seq)
+        return cache[seq]
+
+    def _prefix(self, seq: int) -> list:
         ends = torch.where(self.valid, self.end, torch.full_like(self.end, seq)).contiguous()  # sorted per row
         t = torch.arange(seq, device=ends.device).expand(ends.shape[0], -1).contiguous()
         return torch.searchsorted(ends, t, right=True).amax(0).tolist()

@@ -32,10 +32,10 @@ from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.config.model import CSA_RATIO, ModelConfig
 from dsv4_train.model import sparse_attention
+from dsv4_train.model.blocking import auto_block_size, indexer_block_elements
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.parallel_linear import ColumnParallelLinear, copy_to_tp_region, reduce_from_tp_region
 from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope, rope_tables
-from dsv4_train.model.blocking import auto_block_size, indexer_block_elements
 from dsv4_train.model.sparse_attention import KeyLayout
 from dsv4_train.parallel.context import gather_entries, sum_over
 
