@@ -135,7 +135,7 @@ class Blocks:
         """Python list [T]: how many leading entries the queries up to t may see at most (max over
         rows; entries are in sequence order, so every entry a query sees is within this prefix).
         One host copy per micro-batch and ratio (cached: every layer of that ratio reuses it)."""
-        cache: Dict[int, list] = self.__dict__.setdefault("_prefix", {})
+        cache: Dict[int, list] = self.__dict__.setdefault("_prefix_cache", {})
         if seq not in cache:
             cache[seq] = self._prefix(seq)
         return cache[seq]
