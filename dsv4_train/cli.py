@@ -86,13 +86,16 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
     validate(cfg, world_size=world_size)
     derived = derive(cfg, world_size=world_size)
     if cfg.run.plan_only:
-        from dsv4_train.plan import make_plan, print_plan, write_plan
+        from dsv4_train.plan import make_plan, print_plan, refusal, write_plan
 
         plan = make_plan(cfg, world_size=world_size)
         if process.rank == 0:
             print_plan(plan)
             os.makedirs(cfg.run.dir, exist_ok=True)
             write_plan(plan, os.path.join(cfg.run.dir, "plan.json"))
+        message = refusal(plan)
+        if message:
+            raise ValueError(message)
         return 0
     preflight_inputs(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)

@@ -30,6 +30,35 @@ class StageLayout:
     hash_layers: List[int]  # the hash-routed decoder layers of this stage
 
 
+@dataclass(frozen=True)
+class TrainStage:
+    """One resolved stage of the training schedule: steps first_step..last_step (1-based, inclusive).
+
+    Data: each stage reads its own dataset of `seq_length`-token samples; it starts at the sample that
+    follows the tokens the earlier stages consumed (`data_offset_steps` whole steps of this stage's
+    shape), so a longer stage continues through the corpus instead of re-reading its start.
+    """
+
+    number: int  # 1-based position in the schedule (console and metrics)
+    source: Optional[int]  # index into train.stages; None = the top-level keys
+    first_step: int
+    last_step: int
+    seq_length: int
+    global_batch_size: int
+    indexer_phase: str
+    num_microbatches: int  # per optimizer step, per DP rank
+    data_offset_steps: int
+
+    @property
+    def num_steps(self) -> int:
+        return self.last_step - self.first_step + 1
+
+    @property
+    def name(self) -> str:
+        where = "top-level keys" if self.source is None else f"train.stages[{self.source}]"
+        return f"stage {self.number} ({where}, steps {self.first_step}-{self.last_step})"
+
+
 @dataclass
 class Derived:
     world_size: int
@@ -44,6 +73,14 @@ class Derived:
     decay_end_step: int
     layout_str: str  # Megatron pipeline_model_parallel_layout string
     stages: List[StageLayout] = field(default_factory=list)  # ordered by (vpp_stage, pp_rank)
+    train_stages: List[TrainStage] = field(default_factory=list)  # the schedule, in step order
+
+    def train_stage_at(self, step: int) -> TrainStage:
+        """The stage that trains 1-based `step` (steps past the schedule belong to the last stage)."""
+        for stage in self.train_stages:
+            if step <= stage.last_step:
+                return stage
+        return self.train_stages[-1]
 
     def stage(self, pp_rank: int, vpp_stage: int = 0) -> StageLayout:
         for s in self.stages:
@@ -143,6 +180,46 @@ def decay_points(cfg) -> tuple:
     return o.warmup_steps, end
 
 
+def stage_settings(cfg) -> List[tuple]:
+    """[(source, start_step, seq_length, global_batch_size, indexer_phase)] with nulls filled in from
+    the previous stage; the top-level keys form an implicit first stage unless a stage starts at 0.
+    Stages that begin at or after train.max_steps are listed too (validation checks them)."""
+    t = cfg.train
+    current = (None, 0, t.seq_length, t.global_batch_size, cfg.model.indexer_phase)
+    settings = [current]
+    for index, stage in enumerate(getattr(t, "stages", None) or []):
+        current = (
+            index,
+            stage.start_step,
+            stage.seq_length if stage.seq_length is not None else current[2],
+            stage.global_batch_size if stage.global_batch_size is not None else current[3],
+            stage.indexer_phase if stage.indexer_phase is not None else current[4],
+        )
+        if stage.start_step == 0:
+            settings = []
+        settings.append(current)
+    return settings
+
+
+def resolve_train_stages(cfg, dp: int) -> List[TrainStage]:
+    """The stages that run within train.max_steps, with their step ranges and data offsets."""
+    t = cfg.train
+    settings = [s for s in stage_settings(cfg) if s[1] < t.max_steps]
+    stages: List[TrainStage] = []
+    tokens_before = 0
+    for number, (source, start, seq, gbs, phase) in enumerate(settings, start=1):
+        last = settings[number][1] if number < len(settings) else t.max_steps
+        tokens_per_step = seq * gbs
+        stages.append(TrainStage(
+            number=number, source=source, first_step=start + 1, last_step=last, seq_length=seq,
+            global_batch_size=gbs, indexer_phase=phase,
+            num_microbatches=gbs // (t.micro_batch_size * dp),
+            data_offset_steps=-(-tokens_before // tokens_per_step),
+        ))
+        tokens_before += (last - start) * tokens_per_step
+    return stages
+
+
 def derive(cfg, *, world_size: Optional[int] = None) -> Derived:
     """Derived values of a config already passed through validate().
 
@@ -174,4 +251,5 @@ def derive(cfg, *, world_size: Optional[int] = None) -> Derived:
         decay_end_step=end,
         layout_str=layout,
         stages=build_stages(layout, pp=p.pp, num_hash_layers=m.num_hash_layers),
+        train_stages=resolve_train_stages(cfg, dp),
     )

@@ -63,6 +63,19 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged schedule (spec §10.3: 4K -> 16K -> 64K, indexer dense -> warm-up -> sparse).
+
+    A stage begins after `start_step` optimizer steps (its first step is start_step + 1); a field left
+    null keeps the previous stage's value (the first stage's: the top-level train/model keys)."""
+
+    start_step: int = 0
+    seq_length: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    indexer_phase: Optional[str] = None  # dense | warmup (only the indexer trains) | sparse
+
+
+@dataclass
 class TrainConfig:
     """Steps, batch and precision."""
 
@@ -80,6 +93,9 @@ class TrainConfig:
     # eval_interval steps (0 = only at the end of training) and at the end.
     eval_interval: int = 0
     eval_iters: int = 0
+    # Staged schedule: sequence length, batch and indexer phase switch at stage boundaries. Empty = one
+    # stage from train.seq_length, train.global_batch_size and model.indexer_phase.
+    stages: List[StageConfig] = field(default_factory=list)
 
 
 @dataclass

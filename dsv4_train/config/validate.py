@@ -8,9 +8,10 @@ all; each problem names the field(s) and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional
 
-from dsv4_train.config.derive import parse_layout
+from dsv4_train.config.derive import parse_layout, stage_settings
 from dsv4_train.config.model import ATTENTION_BACKENDS
 from dsv4_train.model.blocking import context_parallel_halo
 
@@ -361,6 +362,55 @@ def check_io(cfg, problems: List[str]) -> None:
         )
 
 
+# Top-level keys a stage overrides, and the stage field each becomes.
+_STAGE_FIELDS = {"train.seq_length": "seq_length", "train.global_batch_size": "global_batch_size",
+                 "model.indexer_phase": "indexer_phase"}
+
+
+def check_stages(cfg, world_size: Optional[int], problems: List[str]) -> None:
+    """train.stages: ordered, known phases, and every stage's shape under the same rules as the
+    top-level keys (each rule stays in its check_* function; a stage is checked as the config it runs)."""
+    stages = list(cfg.train.stages or [])
+    if not stages:
+        return
+    found: List[str] = []
+    for i, stage in enumerate(stages):
+        where = f"train.stages[{i}]"
+        if stage.start_step < 0:
+            found.append(f"{where}.start_step={stage.start_step} must be >= 0 (optimizer steps before the stage begins).")
+        if i and stage.start_step <= stages[i - 1].start_step:
+            found.append(
+                f"{where}.start_step={stage.start_step} does not come after train.stages[{i - 1}].start_step="
+                f"{stages[i - 1].start_step}; list the stages by increasing start_step, one stage per start."
+            )
+        if stage.indexer_phase is not None:
+            _one_of(found, f"{where}.indexer_phase", stage.indexer_phase, INDEXER_PHASES)
+        for name in ("seq_length", "global_batch_size"):
+            value = getattr(stage, name)
+            if value is not None and value <= 0:
+                found.append(f"{where}.{name}={value} must be a positive integer (or null: keep the previous stage's).")
+    problems.extend(found)
+    if found:
+        return
+    top_level = set(problems)
+    for source, start, seq, gbs, phase in stage_settings(cfg):
+        if source is None:
+            continue
+        view = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, seq_length=seq, global_batch_size=gbs, stages=[]),
+            model=dataclasses.replace(cfg.model, indexer_phase=phase),
+        )
+        stage_problems: List[str] = []
+        check_parallel(view, world_size, stage_problems)
+        check_train(view, stage_problems)
+        for problem in stage_problems:
+            if problem in top_level:
+                continue  # the same rule on the same value: already reported for the top-level keys
+            for key, name in _STAGE_FIELDS.items():
+                problem = problem.replace(f"{key}=", f"train.stages[{source}].{name}=")
+            problems.append(f"train.stages[{source}] (from step {start + 1}): {problem}")
+
+
 def _valid_weight(split: str) -> float:
     try:
         parts = [float(w) for w in str(split).replace("/", ",").split(",")]
@@ -388,5 +438,6 @@ def validate(cfg, *, world_size: Optional[int] = None) -> None:
     check_parallel(cfg, world_size, problems)
     check_train(cfg, problems)
     check_io(cfg, problems)
+    check_stages(cfg, world_size, problems)
     if problems:
         raise ConfigError(problems)

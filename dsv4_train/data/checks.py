@@ -45,3 +45,24 @@ def check_data_inputs(*, data_cfg, vocab_size: int) -> None:
     for prefix in prefixes:
         check_prefix(prefix, tokenizer_sha256=tokenizer.sha256, tokenizer_path=str(data_cfg.tokenizer),
                      vocab_size=vocab_size)
+        if getattr(data_cfg, "document_mask", False):
+            check_documents_end_with_eod(prefix, eod=tokenizer.eod, eod_token=tokenizer.eod_token)
+
+
+def check_documents_end_with_eod(prefix: str, *, eod: int, eod_token: str, samples: int = 64) -> None:
+    """data.document_mask finds document boundaries by the EOD token: refuse data whose documents do
+    not end with it (e.g. preprocessed without appending EOD, or with another end token); the masks
+    would silently be one document per sample. Reads the last token of up to `samples` documents."""
+    from dsv4_train.data.megatron_imports import megatron_datasets
+
+    dataset = megatron_datasets().IndexedDataset(prefix, mmap=True)
+    count = len(dataset)
+    picks = sorted({i * count // samples for i in range(min(samples, count))})
+    if picks and not any(int(dataset.get(i, offset=int(dataset.sequence_lengths[i]) - 1, length=1)[0]) == eod
+                         for i in picks):
+        raise ValueError(
+            f"data.document_mask=true, but no document of data.paths entry {prefix!r} ends with the EOD token "
+            f"{eod_token!r} (id {eod}) of data.tokenizer, so document boundaries cannot be found. Re-run "
+            "dsv4-preprocess (it appends EOD to every document), set data.eod_token to the token that ends "
+            "the documents in this data, or set data.document_mask=false."
+        )

@@ -210,6 +210,8 @@ class HybridAttention(MegatronModule):
             )
         if self.ratio == CSA_RATIO:
             self.indexer = LightningIndexer(config=config, model_cfg=model_cfg, rotary=self.rotary)
+        # dense | warmup | sparse; switched at stage boundaries of a staged run (train/stages.py).
+        self.indexer_phase = model_cfg.indexer_phase
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -392,7 +394,7 @@ class HybridAttention(MegatronModule):
         return position_ids.to(device)
 
     def _phase(self) -> str:
-        return self.model_cfg.indexer_phase
+        return self.indexer_phase
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Default Megatron handling, except `attn_sink`, which is split by heads over TP."""

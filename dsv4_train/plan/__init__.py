@@ -48,6 +48,7 @@ def make_plan(
     k = m.num_experts_per_tok
     flops = flops_per_token(m, seq_length=t.seq_length, tp=p.tp)
     memory = {mode: rank_memory(cfg, d, recompute=mode) for mode in RECOMPUTE_MODES}
+    stages = [_stage_plan(cfg, stage, world_size, recompute, gpu_memory_gib) for stage in d.train_stages]
     worst = max(r["total_gib"] for r in memory[recompute])
     return {
         "model": m.name,
@@ -96,8 +97,80 @@ def make_plan(
         "recompute": recompute,
         "gpu_memory_gib": gpu_memory_gib,
         "max_rank_memory_gib": worst,
-        "fits": worst <= gpu_memory_gib,
+        "train_stages": stages,
+        "fits": worst <= gpu_memory_gib and all(st["fits"] for st in stages),
     }
+
+
+def stage_config(cfg, stage, **parallel):
+    """`cfg` as it runs during `stage` (its sequence length, batch and indexer phase), optionally
+    with other parallel sizes."""
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, seq_length=stage.seq_length, global_batch_size=stage.global_batch_size,
+                                  stages=[]),
+        model=dataclasses.replace(cfg.model, indexer_phase=stage.indexer_phase),
+        parallel=dataclasses.replace(cfg.parallel, **parallel),
+    )
+
+
+def _worst_rank_gib(cfg, world_size: int, recompute: str) -> float:
+    return max(r["total_gib"] for r in rank_memory(cfg, derive(cfg, world_size=world_size), recompute=recompute))
+
+
+def _stage_plan(cfg, stage, world_size: int, recompute: str, gpu_memory_gib: float) -> dict:
+    view = stage_config(cfg, stage)
+    worst = {mode: _worst_rank_gib(view, world_size, mode) for mode in RECOMPUTE_MODES}
+    row = {
+        "stage": stage.number, "name": stage.name, "first_step": stage.first_step, "last_step": stage.last_step,
+        "seq_length": stage.seq_length, "global_batch_size": stage.global_batch_size,
+        "indexer_phase": stage.indexer_phase, "tokens_per_step": stage.seq_length * stage.global_batch_size,
+        "max_rank_memory_gib": worst[recompute], "max_rank_memory_gib_by_recompute": worst,
+        "fits": worst[recompute] <= gpu_memory_gib,
+    }
+    if not row["fits"]:
+        row["fix"] = _stage_fix(cfg, stage, world_size, recompute, gpu_memory_gib, worst)
+    return row
+
+
+def _stage_fix(cfg, stage, world_size: int, recompute: str, gpu_memory_gib: float, worst: dict) -> str:
+    """The cheapest change that makes `stage` fit: full recompute, else a larger context-parallel size
+    (same world size: CP takes ranks from DP), else more GPUs."""
+    fixes = []
+    if recompute != "full" and worst["full"] <= gpu_memory_gib:
+        fixes.append(f"train.recompute=full ({worst['full']:.1f} GiB)")
+    p = cfg.parallel
+    cp = p.cp * 2
+    while p.tp * p.pp * cp <= world_size:
+        candidate = stage_config(cfg, stage, cp=cp)
+        try:
+            validate(dataclasses.replace(candidate, run=dataclasses.replace(cfg.run, plan_only=True)),
+                     world_size=world_size)
+        except ValueError:
+            cp *= 2
+            continue
+        need = _worst_rank_gib(candidate, world_size, recompute)
+        if need <= gpu_memory_gib:
+            fixes.append(f"parallel.cp={cp} ({need:.1f} GiB; CP ranks come from data parallelism)")
+            break
+        cp *= 2
+    if not fixes:
+        fixes.append("more GPUs (a larger parallel.world_size with larger parallel.cp or parallel.ep)")
+    return " or ".join(fixes)
+
+
+def refusal(plan: dict) -> Optional[str]:
+    """The message that refuses a plan whose stage does not fit, naming the stage and the fix."""
+    bad = [st for st in plan["train_stages"] if not st["fits"]]
+    if not bad:
+        return None
+    lines = [
+        f"{st['name']} with seq_length {st['seq_length']} and indexer {st['indexer_phase']} needs "
+        f"{st['max_rank_memory_gib']:.1f} GiB on its worst rank with train.recompute={plan['recompute']}, more than "
+        f"the {plan['gpu_memory_gib']:.1f} GiB of a GPU; fix: {st['fix']}."
+        for st in bad
+    ]
+    return "the plan does not fit: " + " ".join(lines)
 
 
 def _b(n: float) -> str:
@@ -136,6 +209,15 @@ def format_plan(plan: dict) -> str:
         + f" GiB; limit {plan['gpu_memory_gib']:.1f} GiB -> "
         + ("FITS" if plan["fits"] else "DOES NOT FIT")
     )
+    if len(plan["train_stages"]) > 1:
+        lines.append("  stages (worst rank GiB by recompute mode)")
+        for st in plan["train_stages"]:
+            by_mode = ", ".join(f"{mode} {gib:.1f}" for mode, gib in st["max_rank_memory_gib_by_recompute"].items())
+            lines.append(
+                f"    {st['stage']}: steps {st['first_step']}-{st['last_step']}  seq {st['seq_length']} x "
+                f"{st['global_batch_size']} ({st['tokens_per_step'] / 1e6:.2f}M tokens/step), indexer "
+                f"{st['indexer_phase']}: {by_mode} -> " + ("fits" if st["fits"] else "DOES NOT FIT")
+            )
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ been checked, so a bad input fails in seconds without writing anything.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from typing import List
 
 import torch
@@ -19,6 +20,7 @@ from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.evaluate import evaluate
 from dsv4_train.train.metrics import MetricsSink
 from dsv4_train.train.optimizer import build_optimizer
+from dsv4_train.train.stages import set_indexer_phase, train_only_indexer
 from dsv4_train.train.step import train_step, wire_model_config
 
 
@@ -155,15 +157,16 @@ def run_training(cfg: Config, derived) -> int:
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    data = build_data(
-        data_cfg=cfg.data,
-        train_cfg=train_cfg,
-        vocab_size=cfg.model.vocab_size,
-        seed=cfg.run.seed,
-        dp_rank=dp_rank,
-        dp_size=dp_size,
-        consumed_samples=start.consumed_samples,
-    )
+
+    def stage_data(stage, completed_steps: int):
+        return build_data(
+            data_cfg=cfg.data, train_cfg=stage_data_view(train_cfg, stage), vocab_size=cfg.model.vocab_size,
+            seed=cfg.run.seed, dp_rank=dp_rank, dp_size=dp_size,
+            consumed_samples=stage_consumed_samples(stage, completed_steps),
+        )
+
+    stage = derived.train_stage_at(start.step + 1)
+    data = stage_data(stage, start.step)
 
     model_chunks = build_model_chunks(cfg, derived)
     optimizer, scheduler = build_optimizer(model_chunks, cfg=cfg)
@@ -184,44 +187,63 @@ def run_training(cfg: Config, derived) -> int:
         is_main=runtime.is_main,
         config_dict=_config_dict(cfg),
         max_steps=train_cfg.max_steps,
+        num_stages=len(derived.train_stages),
     )
     watcher = PreemptionWatcher.install()
     if runtime.is_main:
         print(
             f"training {cfg.model.name} on {runtime.world_size} process(es) ({runtime.device.type}/{runtime.backend}), "
-            f"dp={dp_size}, micro-batches/step={derived.num_microbatches}, data: {data.describe()}",
+            f"dp={dp_size}, micro-batches/step={stage.num_microbatches}, data: {data.describe()}",
             flush=True,
         )
+    num_stages = len(derived.train_stages)
+
+    def enter_stage(stage) -> None:
+        set_indexer_phase(model_chunks, stage.indexer_phase)
+        if runtime.is_main and num_stages > 1:
+            print(
+                f"{stage.name} of {num_stages}: seq_length {stage.seq_length}, global batch "
+                f"{stage.global_batch_size} ({stage.num_microbatches} micro-batches/step), indexer "
+                f"{stage.indexer_phase}" + (" (only the indexer trains)" if stage.indexer_phase == "warmup" else ""),
+                flush=True,
+            )
 
     def run_evaluation() -> dict:
         return evaluate(
             make_iterator=data.make_valid_iterator, model_chunks=model_chunks, eval_iters=train_cfg.eval_iters,
-            num_microbatches=derived.num_microbatches, seq_length=train_cfg.seq_length,
+            num_microbatches=stage.num_microbatches, seq_length=stage.seq_length,
             micro_batch_size=train_cfg.micro_batch_size, hc_mult=cfg.model.hc_mult, collect_aux=_collect_aux_metrics,
         )
 
     state = start
-    global_tokens = train_cfg.global_batch_size * train_cfg.seq_length
     exit_code = 0
+    enter_stage(stage)
     try:
         for step in range(start.step + 1, train_cfg.max_steps + 1):
+            if step > stage.last_step:
+                stage = derived.train_stage_at(step)
+                data = stage_data(stage, step - 1)
+                enter_stage(stage)
             _set_mtp_weight(model_chunks, mtp_weight_for(step))
             t0 = time.monotonic()
-            result = train_step(
+            run_step = partial(
+                train_step,
                 data_iterator=data.train_iterator,
                 model_chunks=model_chunks,
                 optimizer=optimizer,
                 scheduler=scheduler,
-                num_microbatches=derived.num_microbatches,
-                seq_length=train_cfg.seq_length,
+                num_microbatches=stage.num_microbatches,
+                seq_length=stage.seq_length,
                 micro_batch_size=train_cfg.micro_batch_size,
                 hc_mult=cfg.model.hc_mult,
-                drain_aux_losses=lambda: _collect_aux_metrics(derived.num_microbatches),
+                drain_aux_losses=lambda: _collect_aux_metrics(stage.num_microbatches),
             )
+            warmup = stage.indexer_phase == "warmup"
+            result = train_only_indexer(model_chunks, optimizer, run_step) if warmup else run_step()
             step_time = time.monotonic() - t0
             state = TrainState(
                 step=step,
-                consumed_samples=state.consumed_samples + train_cfg.global_batch_size,
+                consumed_samples=state.consumed_samples + stage.global_batch_size,
                 mtp_loss_weight=mtp_weight_for(step),
             )
             metrics = {
@@ -230,10 +252,13 @@ def run_training(cfg: Config, derived) -> int:
                 "mtp_loss": result.aux.get("mtp_loss", float("nan")),
                 "grad_norm": result.grad_norm,
                 "lr": result.lr,
-                "tokens_per_sec": global_tokens / max(step_time, 1e-9),
+                "tokens_per_sec": stage.global_batch_size * stage.seq_length / max(step_time, 1e-9),
                 "step_time_s": step_time,
                 "consumed_samples": state.consumed_samples,
                 "mtp_loss_weight": state.mtp_loss_weight,
+                "stage": stage.number,
+                "seq_length": stage.seq_length,
+                "indexer_phase": stage.indexer_phase,
             }
             for name, value in result.aux.items():
                 metrics.setdefault(name, value)
@@ -262,6 +287,18 @@ def run_training(cfg: Config, derived) -> int:
         sink.close()
         dist_runtime.shutdown()
     return exit_code
+
+
+def stage_data_view(train_cfg, stage):
+    """The train keys `build_data` reads, for one stage: its sample shape, and a run length that
+    covers the stage's data offset plus its own steps."""
+    return replace(train_cfg, seq_length=stage.seq_length, global_batch_size=stage.global_batch_size,
+                   max_steps=stage.data_offset_steps + stage.num_steps, stages=[])
+
+
+def stage_consumed_samples(stage, completed_steps: int) -> int:
+    """Samples of the stage's dataset already consumed after `completed_steps` steps of the run."""
+    return (stage.data_offset_steps + max(completed_steps - (stage.first_step - 1), 0)) * stage.global_batch_size
 
 
 def evaluation_due(train_cfg, step: int) -> bool:

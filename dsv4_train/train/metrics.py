@@ -24,12 +24,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
-def console_line(metrics: Dict[str, float], *, max_steps: int, eta_s: float) -> str:
+def console_line(metrics: Dict[str, float], *, max_steps: int, eta_s: float, num_stages: int = 1) -> str:
     def number(key: str, fmt: str) -> str:
         value = metrics.get(key)
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
-    return (
+    stage = (
+        f"stage {metrics['stage']}/{num_stages} seq {metrics.get('seq_length')} {metrics.get('indexer_phase')} | "
+        if num_stages > 1 and "stage" in metrics else ""
+    )
+    return stage + (
         f"step {metrics['step']:>6d}/{max_steps} | lm_loss {number('lm_loss', '.4f')} | "
         f"mtp_loss {number('mtp_loss', '.4f')} | grad_norm {number('grad_norm', '.3f')} | "
         f"lr {number('lr', '.3e')} | tok/s {number('tokens_per_sec', ',.0f')} | "
@@ -41,10 +45,12 @@ def console_line(metrics: Dict[str, float], *, max_steps: int, eta_s: float) -> 
 class MetricsSink:
     """Writes metrics on the main rank; a no-op elsewhere."""
 
-    def __init__(self, *, run_dir: str, logging_cfg: LoggingConfig, is_main: bool, config_dict: dict, max_steps: int):
+    def __init__(self, *, run_dir: str, logging_cfg: LoggingConfig, is_main: bool, config_dict: dict, max_steps: int,
+                 num_stages: int = 1):
         self.is_main = is_main
         self.logging_cfg = logging_cfg
         self.max_steps = max_steps
+        self.num_stages = num_stages
         self._jsonl = None
         self._wandb_run = None
         self._start = time.monotonic()
@@ -79,9 +85,10 @@ class MetricsSink:
         eta = elapsed / max(done, 1) * (self.max_steps - step)
         self._jsonl.write(json.dumps(metrics, sort_keys=True) + "\n")
         if print_line and self.logging_cfg.console:
-            print(console_line(metrics, max_steps=self.max_steps, eta_s=eta), flush=True, file=sys.stdout)
+            print(console_line(metrics, max_steps=self.max_steps, eta_s=eta, num_stages=self.num_stages), flush=True, file=sys.stdout)
         if self._wandb_run is not None:
-            self._wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            numbers = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+            self._wandb_run.log(numbers, step=step)
 
     def close(self) -> None:
         if self._jsonl is not None:

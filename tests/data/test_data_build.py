@@ -232,3 +232,26 @@ def test_document_mask_adds_segments_ending_at_each_eod(data_cache):
         assert bool((segments[:, 1:] >= segments[:, :-1]).all())
         boundaries += int((segments[:, 1:] != segments[:, :-1]).sum())
     assert boundaries > 0  # the embedded corpus packs several documents per sample
+
+
+def test_document_mask_refuses_data_without_the_eod_token(embedded_tokenizer_file, tmp_path):
+    """Documents that end with another token than the tokenizer's EOD (here id 7) would silently give
+    one document per sample: refused before the run, naming the data and the token."""
+    from dsv4_train.data.checks import check_data_inputs
+    from dsv4_train.data.indexed import write_indexed_dataset
+    from dsv4_train.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(embedded_tokenizer_file), vocab_size=VOCAB)
+    documents = [[11, 12, 13, 14]] * 20
+    for name, eod in (("good", tokenizer.eod), ("bad", 7)):
+        write_indexed_dataset(tmp_path / name, documents, tokenizer_sha256=tokenizer.sha256,
+                              tokenizer_vocab_size=VOCAB, eod=eod, source="test")
+    config = dict(kind="indexed", tokenizer=str(embedded_tokenizer_file), document_mask=True)
+    check_data_inputs(data_cfg=data_config(tmp_path, paths=[str(tmp_path / "good")], **config), vocab_size=VOCAB)
+    with pytest.raises(ValueError) as error:
+        check_data_inputs(data_cfg=data_config(tmp_path, paths=[str(tmp_path / "bad")], **config), vocab_size=VOCAB)
+    assert f"no document of data.paths entry {str(tmp_path / 'bad')!r} ends with the EOD token" in str(error.value)
+    assert f"(id {tokenizer.eod})" in str(error.value)
+    # Without document masks the same data is fine.
+    check_data_inputs(data_cfg=data_config(tmp_path, paths=[str(tmp_path / "bad")], kind="indexed",
+                                           tokenizer=str(embedded_tokenizer_file)), vocab_size=VOCAB)
