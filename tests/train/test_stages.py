@@ -133,3 +133,19 @@ def test_warmup_trains_only_the_indexers(staged_run):
     moments_after = _tensors(run_dir / "checkpoints" / "step_00000004", optimizer=True)
     moved = {k for k in moments_before if not torch.equal(moments_before[k], moments_after[k])}
     assert moved and all(".indexer." in k for k in moved), sorted(moved)[:5]
+
+
+@pytest.mark.slow
+def test_warmup_freeze_under_expert_parallel_bf16(tmp_path):
+    """Two processes, EP2 (Megatron's chained dense + expert optimizer) in bf16 (fp32 main params in
+    the distributed optimizer): the warm-up still changes nothing but the indexers."""
+    run_dir = tmp_path / "ep2"
+    result = run_cli(["train.max_steps=4", "optim.warmup_steps=1", "model.indexer_phase=dense", "parallel.ep=2",
+                      "train.precision=bf16", "checkpoint.save_interval=1", "checkpoint.keep_last=10",
+                      "train.stages=[{start_step:1,seq_length:128,indexer_phase:warmup},{start_step:3,indexer_phase:sparse}]",
+                      f"run.dir={run_dir}"], nproc=2, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    before, after = (_tensors(run_dir / "checkpoints" / f"step_{s:08d}") for s in (1, 3))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".indexer." in k for k in changed), sorted(changed)[:5]
+    assert [row["indexer_phase"] for row in read_metrics(run_dir)] == ["dense", "warmup", "warmup", "sparse"]
