@@ -22,6 +22,11 @@ class RunConfig:
     seed: int = 1234
     plan_only: bool = False  # print the parameter/FLOPs/memory plan and exit without building anything heavy
     device: str = "auto"  # auto | cpu | cuda
+    # Dense bf16 peak TFLOP/s of one accelerator for the `mfu` metric; None = a table of common GPUs
+    # (train/telemetry.py), no MFU on CPU.
+    peak_tflops: Optional[float] = None
+    # How long a collective may wait for the other ranks before the job fails (NCCL/gloo timeout).
+    dist_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -36,6 +41,10 @@ class ParallelConfig:
     cp: int = 1
     sp: bool = False  # sequence parallel (requires tp > 1)
     distributed_optimizer: bool = True
+    # Overlap the gradient reduce-scatter / all-reduce with the backward (bucket by bucket).
+    # null = on with CUDA (Megatron-LM's cluster default), off on CPU.
+    overlap_grad_reduce: Optional[bool] = None
+    ddp_bucket_size: Optional[int] = None  # parameters per gradient bucket; null = Megatron's (max(40M, 1M x dp) when overlapping)
     moe_dispatcher: str = "auto"  # auto (allgather without EP, else alltoall) | alltoall | allgather
     pipeline_layout: Optional[str] = None  # explicit layout; None derives one
     # Megatron layout syntax, e.g. "Et*11|t*11|t*11|t*10,mL" (E embedding, t layer, m MTP, L loss,
@@ -96,6 +105,8 @@ class TrainConfig:
     # Staged schedule: sequence length, batch and indexer phase switch at stage boundaries. Empty = one
     # stage from train.seq_length, train.global_batch_size and model.indexer_phase.
     stages: List[StageConfig] = field(default_factory=list)
+    # [first, last]: write a torch profiler trace of these steps to <run.dir>/profile/; [] = off.
+    profile_steps: List[int] = field(default_factory=list)
 
 
 @dataclass

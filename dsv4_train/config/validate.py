@@ -334,6 +334,17 @@ def check_io(cfg, problems: List[str]) -> None:
     if d.document_mask and d.kind == "mock":
         problems.append("data.document_mask=true needs documents with EOD tokens; data.kind=mock has none (use embedded or indexed data).")
     t = cfg.train
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
+        problems.append(
+            f"train.profile_steps={list(t.profile_steps)} must be [first, last] with 1 <= first <= last "
+            "(steps to trace), or [] for no profiling."
+        )
+    if not r.dist_timeout_minutes > 0:
+        problems.append(f"run.dist_timeout_minutes={r.dist_timeout_minutes} must be > 0.")
+    if cfg.parallel.ddp_bucket_size is not None and cfg.parallel.ddp_bucket_size <= 0:
+        problems.append(f"parallel.ddp_bucket_size={cfg.parallel.ddp_bucket_size} must be > 0 (parameters per bucket) or null.")
+    if r.peak_tflops is not None and not r.peak_tflops > 0:
+        problems.append(f"run.peak_tflops={r.peak_tflops} must be > 0 (TFLOP/s of one accelerator) or null.")
     if t.eval_interval < 0 or t.eval_iters < 0:
         problems.append(
             f"train.eval_interval={t.eval_interval} and train.eval_iters={t.eval_iters} must be >= 0 "

@@ -39,8 +39,34 @@ class _PlainGatingWhenSameDtype:
         return super().gating(input)
 
 
-class ScoredRouter(_PlainGatingWhenSameDtype, TopKRouter):
-    """Scored V4 layers: Megatron's `TopKRouter` (gate fast path above)."""
+class _CountsTokensPerStep:
+    """Mixin: tokens routed to each expert since the last `take_step_counts()` (training forwards
+    only, as Megatron counts for the bias update), for the per-step load telemetry
+    (train/telemetry.py). Megatron's own `local_tokens_per_expert` is emptied by the bias update
+    inside the step and exists on scored layers only."""
+
+    def _count(self, routing_map: torch.Tensor) -> None:
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                counts = routing_map.sum(dim=0).to(torch.float64)
+                if getattr(self, "_step_counts", None) is None:
+                    self._step_counts = counts
+                else:
+                    self._step_counts += counts
+
+    def take_step_counts(self) -> Optional[torch.Tensor]:
+        """[experts] float64 tokens routed since the last call (None if no training forward ran)."""
+        counts, self._step_counts = getattr(self, "_step_counts", None), None
+        return counts
+
+
+class ScoredRouter(_CountsTokensPerStep, _PlainGatingWhenSameDtype, TopKRouter):
+    """Scored V4 layers: Megatron's `TopKRouter` (gate fast path above), counting tokens per step."""
+
+    def routing(self, logits: torch.Tensor, *args, **kwargs):
+        probs, routing_map = super().routing(logits, *args, **kwargs)
+        self._count(routing_map)
+        return probs, routing_map
 
 
 def build_hash_table(*, vocab_size: int, num_experts: int, topk: int, seed: int) -> torch.Tensor:
@@ -64,7 +90,7 @@ def build_hash_table(*, vocab_size: int, num_experts: int, topk: int, seed: int)
     return expert_perm[slots].to(torch.int64)
 
 
-class HashRouter(_PlainGatingWhenSameDtype, Router):
+class HashRouter(_CountsTokensPerStep, _PlainGatingWhenSameDtype, Router):
     """Router whose expert choice is `tid2eid[token_id]`; only the combine weights are learned.
 
     The MoE layer hands the token ids ([s, b], same layout and split as the hidden states) to
@@ -88,13 +114,15 @@ class HashRouter(_PlainGatingWhenSameDtype, Router):
         """logits [s, b, E], token_ids [s, b] -> (probs [s*b, E], routing_map [s*b, E])."""
         logits = logits.view(-1, self.config.num_moe_experts)
         experts = self.tid2eid[token_ids.reshape(-1)].long()  # [s*b, K]
-        return topk_routing_with_score_function(
+        probs, routing_map = topk_routing_with_score_function(
             logits,
             self.topk,
             scaling_factor=self.config.moe_router_topk_scaling_factor,
             score_function=self.config.moe_router_score_function,
             precomputed_indices=experts,
         )
+        self._count(routing_map)
+        return probs, routing_map
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         token_ids = self._token_ids

@@ -21,6 +21,7 @@ from dsv4_train.train.evaluate import evaluate
 from dsv4_train.train.metrics import MetricsSink
 from dsv4_train.train.optimizer import build_optimizer
 from dsv4_train.train.stages import set_indexer_phase, train_only_indexer
+from dsv4_train.train.telemetry import StepProfiler, StepTelemetry
 from dsv4_train.train.step import train_step, wire_model_config
 
 
@@ -64,7 +65,8 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
         stages = derived.stages_of_rank(parallel_state.get_pipeline_model_parallel_rank())
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce(cfg),
+        bucket_size=par.ddp_bucket_size,
         use_distributed_optimizer=par.distributed_optimizer,
         check_for_nan_in_grad=True,
     )
@@ -86,6 +88,17 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
             disable_bucketing=index > 0,
         ))
     return chunks
+
+
+def overlap_grad_reduce(cfg: Config) -> bool:
+    """As configured, else on when training on CUDA. (The parameter all-gather overlap is not offered:
+    it leaves non-owner ranks' weights stale between the step and the next forward, which a
+    checkpoint or evaluation in between would read.)"""
+    from dsv4_train.runtime.distributed import pick_device
+
+    if cfg.parallel.overlap_grad_reduce is not None:
+        return cfg.parallel.overlap_grad_reduce
+    return pick_device(cfg.run.device).type == "cuda"
 
 
 def _unwrap(chunk):
@@ -143,7 +156,8 @@ def run_training(cfg: Config, derived) -> int:
     from dsv4_train.data import build_data
     from dsv4_train.launch.preemption import EXIT_PREEMPTED, PreemptionWatcher
 
-    runtime = dist_runtime.init_process_group(device_request=cfg.run.device)
+    runtime = dist_runtime.init_process_group(device_request=cfg.run.device,
+                                              timeout_s=int(cfg.run.dist_timeout_minutes * 60))
     train_cfg = cfg.train
     ckpt_root = checkpoint_root(cfg)
     # Before any model is built: fails fast when an explicitly requested checkpoint is missing.
@@ -215,6 +229,8 @@ def run_training(cfg: Config, derived) -> int:
             micro_batch_size=train_cfg.micro_batch_size, hc_mult=cfg.model.hc_mult, collect_aux=_collect_aux_metrics,
         )
 
+    telemetry = StepTelemetry(cfg=cfg, model_chunks=model_chunks, device=runtime.device, world_size=runtime.world_size)
+    profiler = StepProfiler(train_cfg.profile_steps, run_dir=cfg.run.dir, rank=runtime.rank, device=runtime.device)
     state = start
     exit_code = 0
     enter_stage(stage)
@@ -225,6 +241,7 @@ def run_training(cfg: Config, derived) -> int:
                 data = stage_data(stage, step - 1)
                 enter_stage(stage)
             _set_mtp_weight(model_chunks, mtp_weight_for(step))
+            profiler.before_step(step)
             t0 = time.monotonic()
             run_step = partial(
                 train_step,
@@ -241,6 +258,9 @@ def run_training(cfg: Config, derived) -> int:
             warmup = stage.indexer_phase == "warmup"
             result = train_only_indexer(model_chunks, optimizer, run_step) if warmup else run_step()
             step_time = time.monotonic() - t0
+            trace = profiler.after_step(step)
+            if trace and runtime.is_main:
+                print(f"profiler trace of steps {train_cfg.profile_steps[0]}-{step}: {trace}", flush=True)
             state = TrainState(
                 step=step,
                 consumed_samples=state.consumed_samples + stage.global_batch_size,
@@ -262,6 +282,8 @@ def run_training(cfg: Config, derived) -> int:
             }
             for name, value in result.aux.items():
                 metrics.setdefault(name, value)
+            metrics.update(telemetry.measure(seq_length=stage.seq_length, step_time=step_time,
+                                             tokens=stage.global_batch_size * stage.seq_length))
             if evaluation_due(train_cfg, step):
                 metrics.update(run_evaluation())
             sink.log(metrics, print_line=(step % train_cfg.log_interval == 0 or step == train_cfg.max_steps))
@@ -284,6 +306,7 @@ def run_training(cfg: Config, derived) -> int:
                 save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
                                 state=state, keep_last=cfg.checkpoint.keep_last)
     finally:
+        profiler.close()
         sink.close()
         dist_runtime.shutdown()
     return exit_code

@@ -37,6 +37,9 @@ def console_line(metrics: Dict[str, float], *, max_steps: int, eta_s: float, num
         f"step {metrics['step']:>6d}/{max_steps} | lm_loss {number('lm_loss', '.4f')} | "
         f"mtp_loss {number('mtp_loss', '.4f')} | grad_norm {number('grad_norm', '.3f')} | "
         f"lr {number('lr', '.3e')} | tok/s {number('tokens_per_sec', ',.0f')} | "
+        + (f"TFLOP/s {number('model_tflops', '.3g')} | " if "model_tflops" in metrics else "")
+        + (f"MFU {100 * metrics['mfu']:.1f}% | " if metrics.get("mfu") is not None else "")
+        + (f"load {number('moe_load_imbalance', '.2f')} | " if "moe_load_imbalance" in metrics else "")
         + (f"val_loss {number('val_loss', '.4f')} | " if "val_loss" in metrics else "")
         + f"ETA {format_duration(eta_s)}"
     )

@@ -88,6 +88,11 @@ def wire_model_config(model_chunks: List[torch.nn.Module], optimizer) -> None:
     config.grad_scale_func = optimizer.scale_loss
     no_sync = [chunk.no_sync for chunk in model_chunks]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if model_chunks[0].ddp_config.overlap_grad_reduce:
+        # The schedule starts each chunk's grad reduction as soon as its last backward ends
+        # (Megatron-LM's align_grad_reduce); finalize_model_grads waits for them.
+        start = [chunk.start_grad_sync for chunk in model_chunks]
+        config.grad_sync_func = start[0] if len(start) == 1 else start
 
 
 def run_schedule(*, data_iterator, model_chunks, num_microbatches, seq_length, micro_batch_size, hc_mult,

@@ -16,7 +16,8 @@ Layouts (DP2 alone is tests/train/test_training_runs.py::test_data_parallel_2_ma
 * tp2_sp: attention heads / indexer heads / grouped output projection, shared expert, expert TP
   (etp = tp), vocab-parallel embedding, head and MTP, all with the sequence split over TP;
 * ep2_alltoall: experts split over 2 ranks (dense parameters data-parallel, distributed optimizer);
-* ep2_dp2_allgather: ep=2 on 4 ranks (expert data parallel 2), the allgather dispatcher;
+* ep2_dp2_allgather_overlap: ep=2 on 4 ranks (expert data parallel 2), the allgather dispatcher,
+  with the gradient reduction overlapped with the backward in small buckets (the CUDA default);
 * tp2_sp_ep2: TP2+SP times EP2 with expert TP 2 (token gathers of uneven size inside the dispatcher);
 * tp2: TP2 without SP: attention, mHC and head in the replicated TP layout, each MoE sub-layer
   sequence-parallel inside (model/moe.py: scatter, Megatron's SP MoE path, gather; the router
@@ -37,7 +38,8 @@ TOLERANCE = 1e-5  # relative; see the module docstring
 LAYOUTS = [
     ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"]),
     ("ep2_alltoall", 2, ["parallel.ep=2", "parallel.moe_dispatcher=alltoall"]),
-    ("ep2_dp2_allgather", 4, ["parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
+    ("ep2_dp2_allgather_overlap", 4, ["parallel.ep=2", "parallel.moe_dispatcher=allgather",
+                                      "parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=20000"]),
     ("tp2_sp_ep2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
     ("tp2", 2, ["parallel.tp=2", "parallel.sp=false"]),
     ("ep2_allgather", 2, ["parallel.ep=2", "parallel.moe_dispatcher=allgather"]),
