@@ -77,11 +77,13 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
             model.cuda(torch.cuda.current_device())
         if cfg.train.precision == "bf16":
             # Megatron's mixed precision: bf16 params and activations, fp32 main params and Adam state
-            # in the optimizer, fp32 logits/loss. (The official V4 also keeps mHC/norm/sink params in
-            # fp32 during compute; Megatron's distributed optimizer needs one dtype per model here.)
+            # in the optimizer, fp32 logits/loss; the release's fp32 tensors (mHC, sinks, compressor
+            # position biases, expert bias) stay fp32 (model/precision.py).
             from megatron.core.transformer.module import Float16Module
 
-            model = Float16Module(transformer_config, model)
+            from dsv4_train.model.precision import wrap_keeping_fp32
+
+            model = wrap_keeping_fp32(model, lambda m: Float16Module(transformer_config, m))
         chunks.append(DistributedDataParallel(
             config=transformer_config, ddp_config=ddp_config, module=model,
             # Only the first chunk's buckets may overlap with the optimizer (Megatron convention).

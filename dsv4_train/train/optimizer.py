@@ -13,8 +13,22 @@ import torch
 
 from dsv4_train.config.derive import decay_points
 from dsv4_train.config.schema import Config
+from dsv4_train.model.precision import KEEP_FP32_ATTR
 
 _DECAY_STYLES = {"constant": "constant", "cosine": "cosine", "linear": "linear", "wsd": "WSD"}
+
+
+def _param_groups(config) -> dict:
+    """Megatron's standard groups (no weight decay on 1-D tensors and biases), plus the release's
+    fp32 tensors of a bf16 model (model/precision.py) in groups of their own with the same
+    hyper-parameters: Megatron's distributed optimizer orders a mixed bf16/fp32 group's main
+    parameters bf16-first but indexes them in model order, so mixing them in one group mismatches
+    their optimizer states (a size error at the first checkpoint)."""
+    from megatron.core.optimizer import ParamKey, get_standard_config_overrides
+
+    overrides = get_standard_config_overrides(config)
+    overrides[ParamKey(attr=KEEP_FP32_ATTR)] = {"max_lr": config.lr}  # same value: a group key only
+    return overrides
 
 
 def build_optimizer(
@@ -42,7 +56,7 @@ def build_optimizer(
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=parallel.distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=_param_groups(config))
     style = _DECAY_STYLES[optim.decay_style]
     scheduler = OptimizerParamScheduler(
         optimizer,
