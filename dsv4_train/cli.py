@@ -97,6 +97,12 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
         if message:
             raise ValueError(message)
         return 0
+    from dsv4_train.runtime.distributed import pick_device
+
+    if pick_device(cfg.run.device).type == "cpu":
+        from dsv4_train.runtime import cpu_compat
+
+        cpu_compat.apply(force=True)  # before anything imports Megatron-Core (run.device=cpu on a GPU host too)
     preflight_inputs(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)
     from dsv4_train.train.loop import run_training

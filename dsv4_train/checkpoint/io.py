@@ -427,7 +427,8 @@ def _rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        # Only a run that uses CUDA has a CUDA generator to save (run.device=cpu on a GPU host has not).
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -441,7 +442,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 

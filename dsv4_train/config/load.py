@@ -23,8 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from dsv4_train.config.schema import Config
 from dsv4_train.config.store import register
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-RECIPES_DIR = str(Path(__file__).resolve().parents[2] / "recipes")
+def _config_dir() -> Path:
+    """`<repo>/conf` in a source checkout; the copy packaged as `dsv4_train/_conf` in a wheel (pyproject
+    maps it there, recipes included: `conf/conf` is the recipes folder)."""
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    return checkout if checkout.is_dir() else Path(__file__).resolve().parents[1] / "_conf"
+
+
+CONFIG_DIR = str(_config_dir())
+RECIPES_DIR = str(_config_dir() / "conf")
 CONFIG_NAME = "config"
 
 register()

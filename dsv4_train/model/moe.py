@@ -51,11 +51,12 @@ def _shared_experts(*, config, pg_collection, gate, submodules, name=None):
     return SharedExpertMLP(config=config, submodules=submodules, gate=gate, pg_collection=pg_collection, name=name)
 
 
-def _experts_class(model_cfg: ModelConfig):
-    """SequentialMLP or its batched twin (same parameters and checkpoints), per moe_expert_compute."""
+def _experts_class(model_cfg: ModelConfig, config):
+    """SequentialMLP or its batched twin (same parameters and checkpoints), per moe_expert_compute;
+    "auto" follows where the model is built (`use_cpu_initialization` is set from run.device)."""
     choice = model_cfg.moe_expert_compute
     if choice == "auto":
-        choice = "sequential" if torch.cuda.is_available() else "batched"
+        choice = "batched" if config.use_cpu_initialization else "sequential"
     return BatchedSequentialMLP if choice == "batched" else SequentialMLP
 
 
@@ -79,7 +80,7 @@ class V4MoELayer(MoELayer):
         else:
             router = ScoredRouter
         submodules = MoESubmodules(
-            experts=partial(_experts_class(model_cfg), submodules=_mlp_submodules()),
+            experts=partial(_experts_class(model_cfg, config), submodules=_mlp_submodules()),
             shared_experts=partial(_shared_experts, submodules=_mlp_submodules()),
             router=router,
         )

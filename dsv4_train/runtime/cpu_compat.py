@@ -314,9 +314,10 @@ def needed() -> bool:
     return not torch.cuda.is_available()
 
 
-def apply() -> None:
-    """Apply every patch once (no-op when CUDA is available)."""
-    if not needed() or len(_applied) == len(PATCHES):
+def apply(force: bool = False) -> None:
+    """Apply every patch once: on machines without CUDA, or (force) for a run placed on the CPU by
+    run.device=cpu on a machine that has CUDA."""
+    if (not force and not needed()) or len(_applied) == len(PATCHES):
         return
     from importlib.metadata import version
 

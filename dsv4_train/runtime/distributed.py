@@ -50,7 +50,7 @@ def init_process_group(*, device_request: str = "auto", timeout_s: int = 600) ->
     """Initialise torch.distributed (idempotent) and return where this process runs."""
     device = pick_device(device_request)
     if device.type == "cpu":
-        cpu_compat.apply()
+        cpu_compat.apply(force=True)  # also on a CUDA host when run.device=cpu
     process = discover()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

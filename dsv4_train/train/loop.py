@@ -37,7 +37,10 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
     from dsv4_train.model.builder import build_model
     from dsv4_train.model.transformer_config import build_transformer_config
 
+    from dsv4_train.runtime.distributed import pick_device
+
     par = cfg.parallel
+    on_gpu = pick_device(cfg.run.device).type == "cuda"  # run.device decides, not what the host has
     transformer_config = build_transformer_config(
         model_cfg=cfg.model,
         tp=par.tp,
@@ -49,6 +52,7 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
         sp=par.sp,
         precision=cfg.train.precision,
         moe_dispatcher=par.moe_dispatcher,
+        use_cpu_initialization=not on_gpu,
     )
     # Megatron-LM's default (batch_p2p_comm = not overlap_p2p_comm): with PP=2 interleaved, both
     # neighbours are the same rank, and batched isend/irecv posted as [send_prev, recv_prev,
@@ -73,7 +77,7 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
     chunks = []
     for index, stage in enumerate(stages):
         model = build_model(model_cfg=cfg.model, transformer_config=transformer_config, stage=stage)
-        if torch.cuda.is_available():
+        if on_gpu:
             model.cuda(torch.cuda.current_device())
         if cfg.train.precision == "bf16":
             # Megatron's mixed precision: bf16 params and activations, fp32 main params and Adam state
