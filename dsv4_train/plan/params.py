@@ -20,7 +20,7 @@ class BlockParams:
     attention: int  # q/kv/o projections, norms, sink, compressor, indexer
     mhc: int  # hc_attn_* and hc_ffn_* (fn, base, scale)
     norms: int  # attn_norm + ffn_norm
-    router: int  # gate weight (+ bias for score-routed layers)
+    router: int  # gate weight
     shared_experts: int
     routed_experts: int  # all routed experts of the layer
     routed_expert_one: int  # one routed expert
@@ -70,10 +70,10 @@ def mhc_params(m: ModelConfig) -> int:
     return 2 * (rows * n * m.hidden_size + rows + 3)
 
 
-def block_params(m: ModelConfig, *, ratio: int, hash_routed: bool) -> BlockParams:
+def block_params(m: ModelConfig, *, ratio: int) -> BlockParams:
     d, f, e = m.hidden_size, m.moe_intermediate_size, m.num_routed_experts
     expert = 3 * f * d  # w1, w3 [f, d] and w2 [d, f]
-    router = e * d + (0 if hash_routed else e)  # gate.weight (+ gate.bias); tid2eid is a buffer
+    router = e * d  # gate.weight; the expert bias (gate.bias) and tid2eid are buffers, not trained by gradients
     return BlockParams(
         attention=attention_params(m, ratio),
         mhc=mhc_params(m),
@@ -125,7 +125,7 @@ class ModelParams:
 def count_params(m: ModelConfig) -> ModelParams:
     blocks, mtp_blocks = [], []
     for layer in m.layer_schedule():
-        bp = block_params(m, ratio=layer["compress_ratio"], hash_routed=layer["hash_routed"])
+        bp = block_params(m, ratio=layer["compress_ratio"])
         (mtp_blocks if layer["is_mtp"] else blocks).append(bp)
     d = m.hidden_size
     embedding = m.vocab_size * d
