@@ -15,8 +15,7 @@ Usage (inside a module's forward):
 `out` must be a tensor that lies on the path to the final loss (the attached gradient fires when
 `out`'s gradient is computed). The detached value of `loss` is recorded under `name`; `drain()`
 returns, per name, the mean over all values recorded since the last drain (e.g. over layers and
-microbatches) and resets the record. With `group=...` the sums and counts are all-reduced first,
-so every rank reports the same global mean (e.g. over the pipeline or data-parallel group).
+microbatches) and resets the record.
 
 Caveat: activation recompute re-runs forward and would record a value twice; the mean is
 unaffected when every layer is recomputed the same number of times.
@@ -24,7 +23,7 @@ unaffected when every layer is recomputed the same number of times.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -42,17 +41,14 @@ def attach(output: torch.Tensor, loss: torch.Tensor, *, name: str) -> torch.Tens
     return output
 
 
-def drain(reset: bool = True, group: Optional[torch.distributed.ProcessGroup] = None) -> Dict[str, float]:
-    """Mean recorded value per name since the last drain; all-reduced over `group` when given."""
+def drain(reset: bool = True) -> Dict[str, float]:
+    """Mean recorded value per name since the last drain, on this rank (the training loop pools
+    ranks itself: train/loop.py::_collect_aux_metrics)."""
     names = sorted(_records)
     if not names:
         return {}
     sums = torch.stack([torch.stack(_records[n]).sum() for n in names])
     counts = torch.tensor([float(len(_records[n])) for n in names], device=sums.device)
-    if group is not None:
-        stacked = torch.cat((sums, counts))
-        torch.distributed.all_reduce(stacked, group=group)
-        sums, counts = stacked[: len(names)], stacked[len(names) :]
     if reset:
         _records.clear()
     return {n: float(s / c) for n, s, c in zip(names, sums.tolist(), counts.tolist())}

@@ -23,8 +23,16 @@ def watcher():
     PreemptionWatcher.uninstall()
 
 
-def test_exit_code_is_ex_tempfail():
-    assert EXIT_PREEMPTED == 75
+def test_exit_code_matches_the_launch_scripts_and_docs():
+    """The Slurm template requeues on, torchrun.sh returns, and the docs document the code the
+    trainer exits with: changing one without the others fails here."""
+    root = Path(__file__).resolve().parents[2]
+    sbatch = (root / "launch" / "slurm" / "pretrain.sbatch").read_text()
+    torchrun = (root / "launch" / "torchrun.sh").read_text()
+    docs = (root / "docs" / "launching.md").read_text()
+    assert f"    {EXIT_PREEMPTED}) echo" in sbatch
+    assert f"exit {EXIT_PREEMPTED}\n" in torchrun
+    assert f"| {EXIT_PREEMPTED} | stopped on a signal after saving a checkpoint (`EXIT_PREEMPTED`)" in docs
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
