@@ -62,6 +62,23 @@ def preflight_inputs(cfg: Config) -> None:
     resolve_load_path(cfg.checkpoint.load, checkpoint_root(cfg))
 
 
+def _locked_directories(cfg: Config) -> list:
+    """(directory, config key): run.dir, and checkpoint.dir when it lies outside run.dir."""
+    from dsv4_train.checkpoint.resume import checkpoint_root
+
+    run_dir, ckpt = os.path.abspath(cfg.run.dir), os.path.abspath(checkpoint_root(cfg))
+    inside = os.path.commonpath([ckpt, run_dir]) == run_dir
+    return [(cfg.run.dir, "run.dir")] + ([] if inside else [(checkpoint_root(cfg), "checkpoint.dir")])
+
+
+def lock_run_directories(cfg: Config) -> None:
+    """One run per run.dir (and per checkpoint.dir), held until this process exits."""
+    from dsv4_train.launch import run_lock
+
+    for directory, key in _locked_directories(cfg):
+        run_lock.acquire(directory, what=key)
+
+
 def quiet_library_logs() -> None:
     """Keep the console to our progress lines: Megatron-Core logs its whole config at INFO and warns
     about optional kernels (TE, Apex) that a CPU run never uses."""
@@ -97,13 +114,18 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
         if message:
             raise ValueError(message)
         return 0
+    from dsv4_train.launch import run_lock
     from dsv4_train.runtime.distributed import pick_device
 
+    for directory, key in _locked_directories(cfg):
+        run_lock.check_free(directory, what=key)  # a busy run.dir is refused before slow start-up work
     if pick_device(cfg.run.device).type == "cpu":
         from dsv4_train.runtime import cpu_compat
 
         cpu_compat.apply(force=True)  # before anything imports Megatron-Core (run.device=cpu on a GPU host too)
     preflight_inputs(cfg)
+    if process.rank == 0:
+        lock_run_directories(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)
     from dsv4_train.train.loop import run_training
 

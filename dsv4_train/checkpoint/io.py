@@ -36,6 +36,8 @@ from typing import List, Optional
 
 import torch
 
+from dsv4_train.checkpoint.safe_load import check_metadata, load_tensors_file, tensors_only_loads
+
 COMPLETE_MARKER = "dsv4_complete.json"
 LATEST_FILE = "latest"
 PARTIAL_SUFFIX = ".partial"
@@ -208,6 +210,7 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     """
     from megatron.core import dist_checkpointing
 
+    check_metadata(path)  # before anything lets torch.distributed.checkpoint unpickle it
     model_only = model_only or weights_only(path)
     if model_only:
         optimizer = scheduler = None
@@ -221,7 +224,8 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     if optimizer is not None and not legacy:
         templates = sharded["optimizer"].pop("_templates")
         request_tensors = dict(sharded["optimizer"]["tensors"])  # load() may replace entries in place
-    loaded = dist_checkpointing.load(sharded, path)
+    with tensors_only_loads():
+        loaded = dist_checkpointing.load(sharded, path)
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
@@ -238,7 +242,7 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     train_state = loaded["train_state"]
     rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
     if os.path.isfile(rng_file) and _saved_world(path) == _world():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(load_tensors_file(rng_file))
     return TrainState(
         step=int(train_state["step"]),
         consumed_samples=int(train_state["consumed_samples"]),
@@ -399,7 +403,8 @@ def _set_adam_step(optimizer, step: int) -> None:
 def _saved_optimizer_layout(path: str) -> Optional[str]:
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(path)
+    with tensors_only_loads():
+        common = dist_checkpointing.load_common_state_dict(path)
     optimizer_state = common.get("optimizer") if isinstance(common, dict) else None
     return optimizer_state.get("layout") if isinstance(optimizer_state, dict) else None
 
@@ -418,14 +423,18 @@ def _saved_world(path: str) -> Optional[int]:
 
 
 def _rng_state() -> dict:
+    """Every generator's state as tensors and plain values, so that it loads with weights_only=True."""
     import random
 
     import numpy as np
     from megatron.core import tensor_parallel
 
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
         "torch": torch.get_rng_state(),
         # Only a run that uses CUDA has a CUDA generator to save (run.device=cpu on a GPU host has not).
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
@@ -439,8 +448,10 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    nps = state["numpy"]
+    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])

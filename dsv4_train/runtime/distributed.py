@@ -7,6 +7,7 @@ compatibility layer applied before Megatron-Core is imported.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -46,8 +47,24 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cuda")
 
 
+def die_with_launcher() -> None:
+    """Under torchrun: ask the kernel to kill this worker when its launcher (the elastic agent, our
+    parent) dies, so a kill -9 of the agent leaves no worker training unsupervised (Linux only)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_process_group(*, device_request: str = "auto", timeout_s: int = 600) -> Runtime:
     """Initialise torch.distributed (idempotent) and return where this process runs."""
+    die_with_launcher()
     device = pick_device(device_request)
     if device.type == "cpu":
         cpu_compat.apply(force=True)  # also on a CUDA host when run.device=cpu

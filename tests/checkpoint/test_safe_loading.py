@@ -1,0 +1,103 @@
+"""Nothing a checkpoint holds runs code when it is loaded (checkpoint/safe_load.py).
+
+A harmless payload (its unpickling would create a marker file) is planted in each kind of pickle a
+checkpoint has: the distributed checkpoint's `.metadata`, our per-rank RNG file, and a non-tensor item
+of a `.distcp` file (through torch's load planner, the path those items take). Resuming refuses with
+one message naming the file (exit 2, no traceback) and the marker never appears; an untouched
+checkpoint still resumes.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+
+import pytest
+import torch
+
+from dsv4_train.checkpoint.safe_load import tensors_only_loads
+from tests.helpers import run_cli
+
+RUN = ["optim.warmup_steps=1", "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling creates the marker file
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("safe") / "run"
+    result = run_cli(["train.max_steps=2", *RUN, f"run.dir={run_dir}"], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def _resume(run_dir, tmp_path, plant):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    marker = tmp_path / "payload_ran"
+    target = plant(copy / "checkpoints" / "step_00000002", marker)
+    result = run_cli(["train.max_steps=3", *RUN, f"run.dir={copy}"], timeout=600)
+    return result, marker, target
+
+
+def _plant_metadata(step_dir, marker):
+    (step_dir / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    return step_dir / ".metadata"
+
+
+def _plant_rng(step_dir, marker):
+    torch.save({"python": Payload(marker)}, step_dir / "rng" / "rank_0.pt")
+    return step_dir / "rng" / "rank_0.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant", [_plant_metadata, _plant_rng], ids=["metadata", "rng"])
+def test_planted_payload_is_refused_and_never_runs(trained, tmp_path, plant):
+    result, marker, target = _resume(trained, tmp_path, plant)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not marker.exists(), "the payload ran"
+    assert str(target) in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_untouched_checkpoint_resumes(trained, tmp_path):
+    result, marker, _ = _resume(trained, tmp_path, lambda step_dir, marker: None)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_non_tensor_items_of_distcp_files_load_tensors_only(tmp_path):
+    """torch's load planner reads a .distcp non-tensor item with torch.load(weights_only=False);
+    inside tensors_only_loads() the same call cannot unpickle the payload."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    marker = tmp_path / "payload_ran"
+    buffer = io.BytesIO()
+    torch.save({"scheduler": Payload(marker)}, buffer)
+    planner = DefaultLoadPlanner()
+    planner.flatten_state_dict = False
+    planner.state_dict = {}
+
+    class Item:  # the one attribute load_bytes reads
+        class dest_index:
+            fqn = "scheduler"
+
+    with tensors_only_loads(), pytest.raises(pickle.UnpicklingError):
+        buffer.seek(0)
+        planner.load_bytes(Item, buffer)
+    assert not marker.exists()
+    buffer.seek(0)
+    planner.load_bytes(Item, io.BytesIO(_plain_bytes()))  # plain values still load
+    assert planner.state_dict["scheduler"] == {"step": 3, "lr": 0.1}
+
+
+def _plain_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"step": 3, "lr": 0.1}, buffer)
+    return buffer.getvalue()
