@@ -51,7 +51,7 @@ def preflight_inputs(cfg: Config) -> None:
         return
     from dsv4_train.checkpoint.io import resolve_load_path
     from dsv4_train.data.checks import check_data_inputs
-    from dsv4_train.checkpoint.resume import checkpoint_root
+    from dsv4_train.checkpoint.resume import checkpoint_root, plan_resume
 
     check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
     if cfg.checkpoint.load_model_only and cfg.checkpoint.load in ("auto", "none"):
@@ -60,6 +60,7 @@ def preflight_inputs(cfg: Config) -> None:
             f"weights from>, not {cfg.checkpoint.load!r}."
         )
     resolve_load_path(cfg.checkpoint.load, checkpoint_root(cfg))
+    plan_resume(cfg, checkpoint_root(cfg))  # e.g. a checkpoint of another model shape: refused now
 
 
 def _locked_directories(cfg: Config) -> list:

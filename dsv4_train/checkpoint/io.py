@@ -186,6 +186,7 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
                     "consumed_samples": state.consumed_samples,
                     "world_size": _world(),
                     "contents": "full" if optimizer is not None else "model",
+                    "model": _model_config(model_chunks),
                 },
                 f,
             )
@@ -238,6 +239,7 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     elif optimizer is not None:
         _load_per_param_optimizer_state(optimizer, templates, request_tensors, loaded["optimizer"])
     if scheduler is not None:
+        _report_schedule_changes(loaded["scheduler"], scheduler.state_dict())
         scheduler.load_state_dict(loaded["scheduler"])
     train_state = loaded["train_state"]
     rng_file = os.path.join(path, "rng", f"rank_{_rank()}.pt")
@@ -248,6 +250,28 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
         consumed_samples=int(train_state["consumed_samples"]),
         mtp_loss_weight=train_state.get("mtp_loss_weight"),
     )
+
+
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
+                  "wd_incr_steps", "wd_incr_style")
+
+
+def _report_schedule_changes(saved: dict, current: dict) -> None:
+    """The LR schedule follows the current config (optimizer.py); say what differs from the checkpoint."""
+    changed = [f"{key} {saved[key]} -> {current[key]}" for key in _SCHEDULE_KEYS
+               if key in saved and saved[key] != current.get(key)]
+    if changed and _rank() == 0:
+        print("LR schedule follows the current config (checkpoint -> now): " + ", ".join(changed), flush=True)
+
+
+def _model_config(model_chunks) -> Optional[dict]:
+    """The V4 model config the checkpoint was saved from (checked on resume: checkpoint/resume.py)."""
+    from dataclasses import asdict
+
+    chunk = model_chunks[0]
+    while not hasattr(chunk, "model_cfg") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return asdict(chunk.model_cfg) if hasattr(chunk, "model_cfg") else None
 
 
 def weights_only(path: str) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
+from typing import Optional
 
 from dsv4_train.checkpoint.io import (
     TrainState,
@@ -36,11 +38,38 @@ def plan_resume(cfg: Config, ckpt_root: str):
     if model_only and own_latest is not None:
         load_path, model_only = own_latest, False
     start = TrainState()
-    if load_path is not None and not model_only and not weights_only(load_path):
+    if load_path is not None:
         with open(os.path.join(load_path, "dsv4_complete.json")) as f:
             marker = json.load(f)
-        start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))
+        check_same_model_shapes(marker.get("model"), asdict(cfg.model), load_path)
+        if not model_only and not weights_only(load_path):
+            start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))
     return load_path, model_only, start
+
+
+# Model keys that change the shape or the set of saved tensors: a checkpoint only loads into a model
+# that agrees on all of them (the others, e.g. loss weights, the indexer phase or the attention
+# backend, may change between runs).
+SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "head_dim", "qk_rope_head_dim",
+    "q_lora_rank", "o_groups", "o_lora_rank", "compress_ratios", "index_n_heads", "index_head_dim", "hc_mult",
+    "num_hash_layers", "num_routed_experts", "num_shared_experts", "moe_intermediate_size", "mtp_num_layers",
+    "tie_word_embeddings",
+)
+
+
+def check_same_model_shapes(saved: Optional[dict], current: dict, path: str) -> None:
+    """Refuse a checkpoint saved from a model of other shapes, naming each differing key."""
+    if not saved:
+        return  # saved before model configs were recorded
+    changed = [f"model.{key}: {saved[key]} in the checkpoint, {current[key]} now"
+               for key in SHAPE_KEYS if key in saved and key in current and saved[key] != current[key]]
+    if changed:
+        raise ValueError(
+            f"checkpoint {path} was saved from a model of other shapes ({'; '.join(changed)}); its tensors "
+            "cannot load into this model. Use the checkpoint's model settings, or start from another checkpoint "
+            "(checkpoint.load=<dir>) or from scratch (checkpoint.load=none, or another run.dir)."
+        )
 
 
 def restore_or_save_initial(cfg: Config, ckpt_root: str, load_path, model_only: bool, start: TrainState, *,

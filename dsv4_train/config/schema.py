@@ -105,6 +105,11 @@ class TrainConfig:
     # Staged schedule: sequence length, batch and indexer phase switch at stage boundaries. Empty = one
     # stage from train.seq_length, train.global_batch_size and model.indexer_phase.
     stages: List[StageConfig] = field(default_factory=list)
+    # A step with a NaN/Inf loss or gradient on any rank: skip (no update anywhere) or stop the run.
+    on_nonfinite: str = "skip"
+    max_skipped_steps: int = 10  # consecutive skipped steps before the run stops as diverged
+    spike_factor: float = 3.0  # log a loss above this x the running mean of recent steps; 0 = off
+    skip_steps: List[int] = field(default_factory=list)  # steps whose batch is read and not trained on
     # [first, last]: write a torch profiler trace of these steps to <run.dir>/profile/; [] = off.
     profile_steps: List[int] = field(default_factory=list)
 

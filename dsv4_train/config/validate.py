@@ -9,6 +9,7 @@ all; each problem names the field(s) and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional
 
 from dsv4_train.config.derive import parse_layout, stage_settings
@@ -20,6 +21,7 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 DECAY_STYLES = ("constant", "cosine", "linear", "wsd")
 WSD_DECAY_STYLES = ("cosine", "linear", "exponential", "minus_sqrt")
 INDEXER_PHASES = ("dense", "warmup", "sparse")
+NONFINITE_POLICIES = ("skip", "stop")
 DISPATCHERS = ("auto", "alltoall", "allgather")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("embedded", "indexed", "mock")
@@ -334,6 +336,14 @@ def check_io(cfg, problems: List[str]) -> None:
     if d.document_mask and d.kind == "mock":
         problems.append("data.document_mask=true needs documents with EOD tokens; data.kind=mock has none (use embedded or indexed data).")
     t = cfg.train
+    _one_of(problems, "train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+    if t.max_skipped_steps < 0:
+        problems.append(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0.")
+    if not (math.isfinite(t.spike_factor) and t.spike_factor >= 0):
+        problems.append(f"train.spike_factor={t.spike_factor} must be >= 0 (0 = no spike detection).")
+    bad_skips = [s for s in t.skip_steps if not 1 <= s <= t.max_steps]
+    if bad_skips:
+        problems.append(f"train.skip_steps has {bad_skips} outside [1, train.max_steps={t.max_steps}].")
     if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
         problems.append(
             f"train.profile_steps={list(t.profile_steps)} must be [first, last] with 1 <= first <= last "

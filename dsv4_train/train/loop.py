@@ -6,6 +6,7 @@ been checked, so a bad input fails in seconds without writing anything.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -22,7 +23,8 @@ from dsv4_train.train.metrics import MetricsSink
 from dsv4_train.train.optimizer import build_optimizer
 from dsv4_train.train.stages import set_indexer_phase, train_only_indexer
 from dsv4_train.train.telemetry import StepProfiler, StepTelemetry
-from dsv4_train.train.step import train_step, wire_model_config
+from dsv4_train.train.nonfinite import EXIT_NONFINITE, NonFinitePolicy, NonFiniteStop, parameters_are_finite
+from dsv4_train.train.step import StepResult, train_step, wire_model_config
 
 
 def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
@@ -72,7 +74,7 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
         overlap_grad_reduce=overlap_grad_reduce(cfg),
         bucket_size=par.ddp_bucket_size,
         use_distributed_optimizer=par.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # train/nonfinite.py skips such steps on every rank instead
     )
     chunks = []
     for index, stage in enumerate(stages):
@@ -208,6 +210,7 @@ def run_training(cfg: Config, derived) -> int:
         config_dict=_config_dict(cfg),
         max_steps=train_cfg.max_steps,
         num_stages=len(derived.train_stages),
+        resume_step=start.step,
     )
     watcher = PreemptionWatcher.install()
     if runtime.is_main:
@@ -237,6 +240,17 @@ def run_training(cfg: Config, derived) -> int:
 
     telemetry = StepTelemetry(cfg=cfg, model_chunks=model_chunks, device=runtime.device, world_size=runtime.world_size)
     profiler = StepProfiler(train_cfg.profile_steps, run_dir=cfg.run.dir, rank=runtime.rank, device=runtime.device)
+    policy = NonFinitePolicy(train_cfg)
+
+    def save(state) -> None:
+        if not parameters_are_finite(model_chunks, runtime.device):
+            raise NonFiniteStop(
+                f"step {state.step}: the parameters are not finite, so no checkpoint is written (the last one is "
+                "kept). Resume from it with a lower optim.lr."
+            )
+        save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+                        state=state, keep_last=cfg.checkpoint.keep_last)
+
     state = start
     exit_code = 0
     enter_stage(stage)
@@ -261,8 +275,12 @@ def run_training(cfg: Config, derived) -> int:
                 hc_mult=cfg.model.hc_mult,
                 drain_aux_losses=lambda: _collect_aux_metrics(stage.num_microbatches),
             )
-            warmup = stage.indexer_phase == "warmup"
-            result = train_only_indexer(model_chunks, optimizer, run_step) if warmup else run_step()
+            if step in train_cfg.skip_steps:
+                result = skip_batches(data.train_iterator, stage.num_microbatches, optimizer)
+            elif stage.indexer_phase == "warmup":
+                result = train_only_indexer(model_chunks, optimizer, partial(run_step, step=step))
+            else:
+                result = run_step(step=step)
             step_time = time.monotonic() - t0
             trace = profiler.after_step(step)
             if trace and runtime.is_main:
@@ -290,32 +308,55 @@ def run_training(cfg: Config, derived) -> int:
                 metrics.setdefault(name, value)
             metrics.update(telemetry.measure(seq_length=stage.seq_length, step_time=step_time,
                                              tokens=stage.global_batch_size * stage.seq_length))
+            metrics["skipped"] = int(not result.update_successful)
+            spiked_over = None if metrics["skipped"] else policy.after_good_step(result.lm_loss)
+            if spiked_over is not None:
+                metrics["loss_spike"] = 1
+                if runtime.is_main:
+                    print(f"loss spike at step {step}: lm_loss {result.lm_loss:.4f} > train.spike_factor="
+                          f"{train_cfg.spike_factor} x running mean {spiked_over:.4f}", flush=True)
             if evaluation_due(train_cfg, step):
                 metrics.update(run_evaluation())
             sink.log(metrics, print_line=(step % train_cfg.log_interval == 0 or step == train_cfg.max_steps))
+            if metrics["skipped"] and step not in train_cfg.skip_steps:
+                if runtime.is_main:
+                    print(f"step {step}: non-finite loss or gradient on some rank; the step was skipped on every rank",
+                          flush=True)
+                policy.after_skip(step)
 
             interval = cfg.checkpoint.save_interval
             stopping = watcher.should_stop()
             if interval and step % interval == 0 and step != train_cfg.max_steps and not stopping:
-                save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                                state=state, keep_last=cfg.checkpoint.keep_last)
+                save(state)
             if stopping:
                 if runtime.is_main:
                     print(f"preemption requested: saving at step {step} and exiting with {EXIT_PREEMPTED}", flush=True)
-                save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                                state=state, keep_last=cfg.checkpoint.keep_last)
+                save(state)
                 watcher.requeue_if_slurm()
                 exit_code = EXIT_PREEMPTED
                 break
         else:
             if cfg.checkpoint.save_final and state.step > start.step:
-                save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                                state=state, keep_last=cfg.checkpoint.keep_last)
+                save(state)
+    except NonFiniteStop as stop:
+        if runtime.is_main:
+            print(f"dsv4-train: stopped: {stop}", file=sys.stderr, flush=True)
+        exit_code = EXIT_NONFINITE
     finally:
         profiler.close()
         sink.close()
         dist_runtime.shutdown()
     return exit_code
+
+
+def skip_batches(train_iterator, num_microbatches: int, optimizer) -> StepResult:
+    """train.skip_steps: this rank's micro-batches of the step are read and dropped, nothing trains
+    (a known-bad batch; the data position stays that of an ordinary step)."""
+    for _ in range(num_microbatches):
+        next(train_iterator)
+    nan = float("nan")
+    return StepResult(lm_loss=nan, grad_norm=nan, lr=float(optimizer.param_groups[0]["lr"]), num_tokens=0,
+                      update_successful=False, aux={})
 
 
 def stage_data_view(train_cfg, stage):

@@ -49,7 +49,7 @@ class MetricsSink:
     """Writes metrics on the main rank; a no-op elsewhere."""
 
     def __init__(self, *, run_dir: str, logging_cfg: LoggingConfig, is_main: bool, config_dict: dict, max_steps: int,
-                 num_stages: int = 1):
+                 num_stages: int = 1, resume_step: int = 0):
         self.is_main = is_main
         self.logging_cfg = logging_cfg
         self.max_steps = max_steps
@@ -61,8 +61,11 @@ class MetricsSink:
         if not is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
-        # Append: a resumed run continues the same file (steps already logged are not repeated).
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(run_dir, "metrics.jsonl")
+        # A resumed run continues the same file from its checkpoint's step: rows of steps after it
+        # (logged before a crash, and about to be trained again) are dropped first.
+        truncate_after(path, resume_step)
+        self._jsonl = open(path, "a", buffering=1)
         if logging_cfg.wandb and logging_cfg.wandb_mode != "disabled":
             import wandb  # optional dependency, imported only when asked for
 
@@ -100,6 +103,25 @@ class MetricsSink:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Keep the rows of steps <= `step` (and any unreadable tail line is dropped), atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(json.dumps(row, sort_keys=True) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -70,6 +70,11 @@ def build_optimizer(
         end_wd=optim.weight_decay,
         wd_incr_steps=max(train.max_steps, 1),
         wd_incr_style="constant",
+        # The schedule follows the current config on resume (a longer train.max_steps or new decay
+        # keys take effect); only the step count comes from the checkpoint (checkpoint/io.py says
+        # what changed).
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
         wsd_decay_steps=(decay_end - decay_start) if style == "WSD" else None,
         lr_wsd_decay_style=optim.wsd_decay_style if style == "WSD" else None,
     )

@@ -140,23 +140,38 @@ def train_step(
     micro_batch_size: int,
     hc_mult: int = 1,
     drain_aux_losses,
+    step: int = 0,
 ) -> StepResult:
-    """hc_mult: the model's mHC stream count (the pipeline p2p carries streams in the batch dim)."""
+    """hc_mult: the model's mHC stream count (the pipeline p2p carries streams in the batch dim).
+
+    A step with a non-finite loss or gradient on any rank is not applied anywhere (train/nonfinite.py):
+    no optimizer step, no LR step, expert biases restored; `update_successful` is then False."""
+    from dsv4_train.train import nonfinite
+
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    biases = [b.detach().clone() for b in nonfinite.expert_biases(model_chunks)]
     outputs = run_schedule(
         data_iterator=data_iterator, model_chunks=model_chunks, num_microbatches=num_microbatches,
         seq_length=seq_length, micro_batch_size=micro_batch_size, hc_mult=hc_mult, forward_only=False,
     )
-    update_successful, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-
     lm_loss = mean_reported_loss(outputs, model_chunks)
+    nonfinite.inject_nan_if_asked(model_chunks, step)
+    grad_norm, update_successful = float("nan"), False
+    if nonfinite.step_is_finite(model_chunks, lm_loss, _module_device(model_chunks[0])):
+        update_successful, norm, _ = optimizer.step()
+        grad_norm = float(norm) if norm is not None else float("nan")
+    else:
+        with torch.no_grad():
+            for bias, saved in zip(nonfinite.expert_biases(model_chunks), biases):
+                bias.copy_(saved)  # the bias update ran inside the backward's grad finalisation
+    if update_successful:
+        scheduler.step(increment=1)
     lr = optimizer.param_groups[0]["lr"]
     return StepResult(
         lm_loss=lm_loss,
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        grad_norm=grad_norm,
         lr=float(lr),
         num_tokens=int(num_microbatches * micro_batch_size * seq_length),
         update_successful=bool(update_successful),

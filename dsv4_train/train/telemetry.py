@@ -85,9 +85,9 @@ class StepTelemetry:
         routers = _routers(self.model_chunks)
         worst_imbalance = 0.0
         if routers:
-            counts = [r.take_step_counts() for r in routers]
-            experts = max(c.numel() for c in counts if c is not None) if any(c is not None for c in counts) else 0
-            stacked = torch.zeros(len(routers), experts, dtype=torch.float64, device=self.device)
+            counts = [r.take_step_counts() for r in routers]  # None: no training forward (a skipped batch)
+            stacked = torch.zeros(len(routers), self.model_cfg.num_routed_experts, dtype=torch.float64,
+                                  device=self.device)
             for row, c in enumerate(counts):
                 if c is not None:
                     stacked[row, : c.numel()] = c.to(self.device)
