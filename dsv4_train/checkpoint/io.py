@@ -36,6 +36,7 @@ from typing import List, Optional
 
 import torch
 
+from dsv4_train.checkpoint import manifest
 from dsv4_train.checkpoint.safe_load import check_metadata, load_tensors_file, tensors_only_loads
 
 COMPLETE_MARKER = "dsv4_complete.json"
@@ -178,6 +179,7 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
     _barrier()
+    files = manifest.build(partial, marker_name=COMPLETE_MARKER)  # collective: every rank checksums its files
     if _rank() == 0:
         with open(os.path.join(partial, COMPLETE_MARKER), "w") as f:
             json.dump(
@@ -187,9 +189,13 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
                     "world_size": _world(),
                     "contents": "full" if optimizer is not None else "model",
                     "model": _model_config(model_chunks),
+                    "code_version": _code_version(),
+                    "files": files,  # the manifest (checkpoint/manifest.py)
                 },
                 f,
             )
+            f.flush()
+            os.fsync(f.fileno())
         if os.path.isdir(final):
             stale = final + ".old"
             os.replace(final, stale)
@@ -262,6 +268,27 @@ def _report_schedule_changes(saved: dict, current: dict) -> None:
                if key in saved and saved[key] != current.get(key)]
     if changed and _rank() == 0:
         print("LR schedule follows the current config (checkpoint -> now): " + ", ".join(changed), flush=True)
+
+
+def _code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsv4-train")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def checkpoint_problems(path: str, mode: str) -> List[str]:
+    """Collective: what verification (`checkpoint.verify`) finds wrong with `path` (the same on every rank)."""
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            files = json.load(f).get("files")
+    except (OSError, ValueError) as error:
+        return [f"{os.path.join(path, COMPLETE_MARKER)}: unreadable ({error})"]
+    if files is None:
+        return []  # saved before manifests existed
+    return manifest.problems(path, files, mode=mode, marker_name=COMPLETE_MARKER)
 
 
 def _model_config(model_chunks) -> Optional[dict]:

@@ -13,7 +13,9 @@ from typing import Optional
 
 from dsv4_train.checkpoint.io import (
     TrainState,
+    checkpoint_problems,
     find_latest,
+    list_complete,
     load_checkpoint,
     resolve_load_path,
     save_checkpoint,
@@ -26,17 +28,21 @@ def checkpoint_root(cfg: Config) -> str:
     return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
 
 
-def plan_resume(cfg: Config, ckpt_root: str):
+def plan_resume(cfg: Config, ckpt_root: str, *, load_path: Optional[str] = "resolve"):
     """(checkpoint to load or None, load weights only?, TrainState to start from), read-only.
 
     checkpoint.load=auto resumes this run's latest complete checkpoint; a weights-only start
     (checkpoint.load_model_only) is superseded by this run's own checkpoints once it has saved.
+    `load_path` given: plan from that checkpoint (a verified fallback, `choose_verified`).
     """
-    load_path = resolve_load_path(cfg.checkpoint.load, ckpt_root)
     model_only = cfg.checkpoint.load_model_only
-    own_latest = find_latest(ckpt_root)
-    if model_only and own_latest is not None:
-        load_path, model_only = own_latest, False
+    if load_path == "resolve":
+        load_path = resolve_load_path(cfg.checkpoint.load, ckpt_root)
+        own_latest = find_latest(ckpt_root)
+        if model_only and own_latest is not None:
+            load_path, model_only = own_latest, False
+    elif load_path is not None and os.path.dirname(os.path.abspath(load_path)) == os.path.abspath(ckpt_root):
+        model_only = False  # one of this run's own checkpoints
     start = TrainState()
     if load_path is not None:
         with open(os.path.join(load_path, "dsv4_complete.json")) as f:
@@ -45,6 +51,33 @@ def plan_resume(cfg: Config, ckpt_root: str):
         if not model_only and not weights_only(load_path):
             start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))
     return load_path, model_only, start
+
+
+def choose_verified(cfg: Config, ckpt_root: str, load_path: Optional[str], *, is_main: bool) -> Optional[str]:
+    """Collective: `load_path` if it passes checkpoint.verify; else, for this run's own checkpoints
+    (checkpoint.load=auto), the newest older one that does (each failure reported: path, file, reason);
+    an explicitly requested checkpoint that fails is an error."""
+    if load_path is None:
+        return None
+    mode = cfg.checkpoint.verify
+    own = os.path.dirname(os.path.abspath(load_path)) == os.path.abspath(ckpt_root)
+    candidates = [load_path]
+    if own and cfg.checkpoint.load == "auto":
+        candidates += [p for p in reversed(list_complete(ckpt_root)) if os.path.abspath(p) != os.path.abspath(load_path)]
+    for candidate in candidates:
+        problems = checkpoint_problems(candidate, mode)
+        if not problems:
+            if candidate != load_path and is_main:
+                print(f"falling back to the newest verified checkpoint: {candidate}", flush=True)
+            return candidate
+        if not (own and cfg.checkpoint.load == "auto"):
+            raise ValueError(f"checkpoint {candidate} failed verification (checkpoint.verify={mode}): "
+                             + "; ".join(problems) + ". Use another checkpoint (checkpoint.load=<dir>).")
+        if is_main:
+            print(f"checkpoint {candidate} failed verification (checkpoint.verify={mode}), not loaded: "
+                  + "; ".join(problems), flush=True)
+    raise ValueError(f"no checkpoint under {ckpt_root} passes verification (checkpoint.verify={mode}); see the "
+                     "reports above. Start fresh with checkpoint.load=none (or another run.dir).")
 
 
 # Model keys that change the shape or the set of saved tensors: a checkpoint only loads into a model

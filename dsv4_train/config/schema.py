@@ -156,6 +156,9 @@ class CheckpointConfig:
     # Load only the model weights from checkpoint.load and start at step 0 with a fresh optimizer,
     # scheduler and data position (fine-tuning from a pre-trained checkpoint).
     load_model_only: bool = False
+    # Before loading: full (sizes and CRC32 of every file against the checkpoint's manifest) | size | off.
+    # A failing latest checkpoint of this run falls back to the newest one that passes.
+    verify: str = "full"
 
 
 @dataclass

@@ -29,6 +29,7 @@ WANDB_MODES = ("auto", "offline", "online", "disabled")
 SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
 EXPERT_COMPUTE = ("auto", "sequential", "batched")
 CHECKPOINT_LOAD_KEYWORDS = ("auto", "none")
+CHECKPOINT_VERIFY = ("full", "size", "off")
 
 
 class ConfigError(ValueError):
@@ -372,6 +373,7 @@ def check_io(cfg, problems: List[str]) -> None:
             f"checkpoint.save_interval={c.save_interval} must be >= 0 and checkpoint.keep_last="
             f"{c.keep_last} >= 1."
         )
+    _one_of(problems, "checkpoint.verify", c.verify, CHECKPOINT_VERIFY)
     if not c.load or not c.load.strip():
         problems.append("checkpoint.load is empty; use auto, none or a checkpoint directory.")
     if not r.dir:

@@ -15,7 +15,7 @@ from typing import List
 import torch
 
 from dsv4_train.checkpoint.io import TrainState, save_checkpoint
-from dsv4_train.checkpoint.resume import checkpoint_root, plan_resume, restore_or_save_initial
+from dsv4_train.checkpoint.resume import checkpoint_root, choose_verified, plan_resume, restore_or_save_initial
 from dsv4_train.config.schema import Config
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.evaluate import evaluate
@@ -170,6 +170,9 @@ def run_training(cfg: Config, derived) -> int:
     ckpt_root = checkpoint_root(cfg)
     # Before any model is built: fails fast when an explicitly requested checkpoint is missing.
     load_path, model_only, start = plan_resume(cfg, ckpt_root)
+    verified = choose_verified(cfg, ckpt_root, load_path, is_main=runtime.is_main)  # collective
+    if verified != load_path:
+        load_path, model_only, start = plan_resume(cfg, ckpt_root, load_path=verified)
 
     par = cfg.parallel
     dist_runtime.init_model_parallel(tp=par.tp, pp=par.pp, vpp=par.vpp, ep=par.ep, etp=par.etp, cp=par.cp)
