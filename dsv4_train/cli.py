@@ -51,8 +51,10 @@ def preflight_inputs(cfg: Config) -> None:
         return
     from dsv4_train.checkpoint.io import resolve_load_path
     from dsv4_train.data.checks import check_data_inputs
+    from dsv4_train.launch.output_dirs import check_output_dirs
     from dsv4_train.checkpoint.resume import checkpoint_root, plan_resume
 
+    check_output_dirs(cfg, checkpoint_root(cfg))
     check_data_inputs(data_cfg=cfg.data, vocab_size=cfg.model.vocab_size)
     if cfg.checkpoint.load_model_only and cfg.checkpoint.load in ("auto", "none"):
         raise ValueError(
@@ -98,6 +100,9 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
     from dsv4_train.config.validate import validate
     from dsv4_train.launch.env import discover
 
+    from dsv4_train.launch.preemption import PreemptionWatcher
+
+    PreemptionWatcher.install()  # from here on a stop signal is recorded, never a silent kill
     process = discover()
     # A plan made on a laptop describes the layout's own world size (parallel.world_size).
     world_size = None if (cfg.run.plan_only and process.world_size == 1) else process.world_size

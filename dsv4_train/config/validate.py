@@ -22,6 +22,7 @@ DECAY_STYLES = ("constant", "cosine", "linear", "wsd")
 WSD_DECAY_STYLES = ("cosine", "linear", "exponential", "minus_sqrt")
 INDEXER_PHASES = ("dense", "warmup", "sparse")
 NONFINITE_POLICIES = ("skip", "stop")
+MAX_SAMPLES = 10**12  # samples per run: the dataset index is built for every one of them
 DISPATCHERS = ("auto", "alltoall", "allgather")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("embedded", "indexed", "mock")
@@ -99,6 +100,27 @@ def check_model(m, problems: List[str]) -> None:
             f"model.num_experts_per_tok={m.num_experts_per_tok} exceeds model.num_routed_experts="
             f"{m.num_routed_experts}."
         )
+    if not 0 < m.qk_rope_head_dim <= m.index_head_dim:
+        problems.append(
+            f"model.index_head_dim={m.index_head_dim} must be >= model.qk_rope_head_dim={m.qk_rope_head_dim} "
+            "(RoPE covers the last qk_rope_head_dim channels of each indexer head)."
+        )
+    if m.score_function != "sqrtsoftplus":
+        problems.append(
+            f"model.score_function={m.score_function!r}: DeepSeek-V4 routes with sqrt(softplus) scores; set "
+            "model.score_function=sqrtsoftplus."
+        )
+    if not m.norm_topk_prob or m.num_experts_per_tok < 2:
+        problems.append(
+            f"model.norm_topk_prob={m.norm_topk_prob} and model.num_experts_per_tok={m.num_experts_per_tok}: V4 "
+            "normalises the weights of its top-k experts, which needs norm_topk_prob=true and num_experts_per_tok >= 2."
+        )
+    bad_floats = [name for name in ("indexer_loss_coeff", "routed_scaling_factor", "swiglu_limit",
+                                    "expert_bias_update_rate", "seq_aux_loss_coeff", "mtp_loss_weight",
+                                    "mtp_loss_weight_after_decay", "rms_norm_eps", "init_std", "hc_eps")
+                  if not _finite_non_negative(getattr(m, name, 0.0))]
+    if bad_floats:
+        problems.append(f"model.{', model.'.join(bad_floats)} must be finite and >= 0.")
     _one_of(problems, "model.indexer_phase", m.indexer_phase, INDEXER_PHASES)
     _one_of(problems, "model.score_function", m.score_function, SCORE_FUNCTIONS)
     _one_of(problems, "model.moe_expert_compute", m.moe_expert_compute, EXPERT_COMPUTE)
@@ -107,6 +129,10 @@ def check_model(m, problems: List[str]) -> None:
         problems.append(f"model.attention_block_size={m.attention_block_size} must be >= 0 (0 = automatic).")
     if not (0.0 <= m.mtp_loss_weight and 0.0 <= m.mtp_loss_weight_after_decay):
         problems.append("model.mtp_loss_weight and model.mtp_loss_weight_after_decay must be >= 0.")
+
+
+def _finite_non_negative(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0)
 
 
 def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
@@ -299,6 +325,18 @@ def check_train(cfg, problems: List[str]) -> None:
                 f"{m.max_position_embeddings}."
             )
 
+    not_finite = [f"optim.{name}={getattr(o, name)}" for name in ("lr", "min_lr", "weight_decay", "adam_beta1",
+                                                                "adam_beta2", "adam_eps", "clip_grad")
+                  if not math.isfinite(getattr(o, name))]
+    if not_finite:
+        problems.append(f"{', '.join(not_finite)}: NaN or infinite; give finite values (e.g. optim.clip_grad=1.0; "
+                        "0 turns clipping off).")
+    if t.max_steps > 0 and t.global_batch_size > 0 and t.max_steps * t.global_batch_size > MAX_SAMPLES:
+        problems.append(
+            f"train.max_steps={t.max_steps} x train.global_batch_size={t.global_batch_size} = "
+            f"{t.max_steps * t.global_batch_size:.3g} samples is beyond any dataset index (at most {MAX_SAMPLES:.0e}); "
+            "lower train.max_steps."
+        )
     _one_of(problems, "optim.decay_style", o.decay_style, DECAY_STYLES)
     _one_of(problems, "optim.wsd_decay_style", o.wsd_decay_style, WSD_DECAY_STYLES)
     if o.lr <= 0 or o.min_lr < 0:

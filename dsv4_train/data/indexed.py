@@ -10,6 +10,7 @@ tokenized with a different tokenizer or with ids beyond the model vocabulary, wi
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -169,9 +170,35 @@ def parse_blend(entries: List[str]) -> Tuple[List[str], Optional[List[float]]]:
             f"or a weight before every prefix (e.g. ['0.7 /data/a', '0.3 /data/b'])."
         )
     weights = [float(w) for w in tokens[0::2]]
-    if any(w <= 0 for w in weights):
-        raise ValueError(f"data.paths={entries!r}: blend weights must be > 0; drop a dataset instead of weighting it 0.")
+    if any(not math.isfinite(w) or w <= 0 for w in weights):
+        raise ValueError(f"data.paths={entries!r}: blend weights must be finite and > 0; drop a dataset instead of "
+                         "weighting it 0.")
     return [str(Path(p).expanduser().resolve()) for p in tokens[1::2]], weights
+
+
+def check_bin_matches_index(prefix: str) -> None:
+    """The .idx parses and the .bin has exactly the bytes it describes (a truncated copy or a .bin of
+    another dataset is refused here, not deep inside the dataset index build)."""
+    from dsv4_train.data.megatron_imports import megatron_datasets
+
+    megatron_datasets()  # the CPU-safe import of megatron.core.datasets
+    from megatron.core.datasets.indexed_dataset import _IndexReader  # the .idx alone (no .bin mmap)
+
+    try:
+        index = _IndexReader(prefix + ".idx", multimodal=False)
+        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+                    if len(index) else 0)
+    except Exception as error:  # Megatron raises assorted errors on a garbled index
+        raise ValueError(
+            f"data.paths entry {prefix!r}: {prefix}.idx cannot be read ({type(error).__name__}: {error}); re-create "
+            "the dataset with dsv4-preprocess."
+        ) from None
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ValueError(
+            f"data.paths entry {prefix!r}: {prefix}.bin has {actual} bytes but {prefix}.idx describes {expected} "
+            "(truncated, or the .bin of another dataset); re-create the dataset with dsv4-preprocess."
+        )
 
 
 def check_prefix(prefix: str, *, tokenizer_sha256: str, tokenizer_path: str, vocab_size: int) -> Optional[IndexedMeta]:
@@ -189,6 +216,7 @@ def check_prefix(prefix: str, *, tokenizer_sha256: str, tokenizer_path: str, voc
             f"`dsv4-preprocess --input data.jsonl --output-prefix {prefix} --tokenizer tokenizer.json`, "
             f"or fix the path."
         )
+    check_bin_matches_index(prefix)
     meta = read_meta(path)
     if meta is None:
         return None

@@ -434,9 +434,9 @@ def _validate(config: TransformerConfig, model_cfg: ModelConfig, layer_index: in
             f"tensor-parallel size {tp} (heads are split by whole output groups); change model.o_groups "
             f"or the TP size."
         )
-    if model_cfg.head_dim <= model_cfg.qk_rope_head_dim:
+    if model_cfg.head_dim < model_cfg.qk_rope_head_dim:
         raise ValueError(
-            f"head_dim={model_cfg.head_dim} must exceed qk_rope_head_dim={model_cfg.qk_rope_head_dim}."
+            f"head_dim={model_cfg.head_dim} must be >= qk_rope_head_dim={model_cfg.qk_rope_head_dim}."
         )
     if model_cfg.indexer_phase not in INDEXER_PHASES:
         raise ValueError(

@@ -60,9 +60,9 @@ class LightningIndexer(MegatronModule):
                 f"index_n_heads={model_cfg.index_n_heads} must be divisible by the tensor-parallel size "
                 f"{tp} (indexer heads are split across TP ranks); change model.index_n_heads or the TP size."
             )
-        if model_cfg.index_head_dim <= model_cfg.qk_rope_head_dim:
+        if model_cfg.index_head_dim < model_cfg.qk_rope_head_dim:
             raise ValueError(
-                f"index_head_dim={model_cfg.index_head_dim} must exceed qk_rope_head_dim="
+                f"index_head_dim={model_cfg.index_head_dim} must be >= qk_rope_head_dim="
                 f"{model_cfg.qk_rope_head_dim} (RoPE covers the last qk_rope_head_dim channels)."
             )
         self.num_heads = model_cfg.index_n_heads

@@ -164,6 +164,7 @@ def run_training(cfg: Config, derived) -> int:
     from dsv4_train.data import build_data
     from dsv4_train.launch.preemption import EXIT_PREEMPTED, PreemptionWatcher
 
+    watcher = PreemptionWatcher.install()  # a stop signal during start-up is honoured too (below)
     runtime = dist_runtime.init_process_group(device_request=cfg.run.device,
                                               timeout_s=int(cfg.run.dist_timeout_minutes * 60))
     train_cfg = cfg.train
@@ -192,6 +193,8 @@ def run_training(cfg: Config, derived) -> int:
 
     stage = derived.train_stage_at(start.step + 1)
     data = stage_data(stage, start.step)
+    if watcher.should_stop():
+        return _stop_during_start_up(watcher, runtime)
 
     model_chunks = build_model_chunks(cfg, derived)
     optimizer, scheduler = build_optimizer(model_chunks, cfg=cfg)
@@ -215,7 +218,9 @@ def run_training(cfg: Config, derived) -> int:
         num_stages=len(derived.train_stages),
         resume_step=start.step,
     )
-    watcher = PreemptionWatcher.install()
+    if watcher.should_stop():
+        sink.close()
+        return _stop_during_start_up(watcher, runtime)
     if runtime.is_main:
         print(
             f"training {cfg.model.name} on {runtime.world_size} process(es) ({runtime.device.type}/{runtime.backend}), "
@@ -251,8 +256,15 @@ def run_training(cfg: Config, derived) -> int:
                 f"step {state.step}: the parameters are not finite, so no checkpoint is written (the last one is "
                 "kept). Resume from it with a lower optim.lr."
             )
-        save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                        state=state, keep_last=cfg.checkpoint.keep_last)
+        try:
+            save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
+                            state=state, keep_last=cfg.checkpoint.keep_last)
+        except OSError as error:  # ENOSPC, EACCES, ...: name the path, keep the message to one line
+            raise ValueError(
+                f"writing the checkpoint of step {state.step} failed: {error.strerror or error} "
+                f"({error.filename or ckpt_root}); the earlier checkpoints are intact. Free space or fix the "
+                "permissions, then run the same command to resume."
+            ) from None
 
     state = start
     exit_code = 0
@@ -350,6 +362,19 @@ def run_training(cfg: Config, derived) -> int:
         sink.close()
         dist_runtime.shutdown()
     return exit_code
+
+
+def _stop_during_start_up(watcher, runtime) -> int:
+    """A stop signal before the first step: nothing was trained since the last checkpoint, so exit
+    with the preemption code (Slurm requeues) without saving."""
+    from dsv4_train.launch.preemption import EXIT_PREEMPTED
+
+    if runtime.is_main:
+        print(f"stop signal during start-up: exiting with {EXIT_PREEMPTED} before the first step (nothing to save; "
+              "the same command resumes)", flush=True)
+    watcher.requeue_if_slurm()
+    dist_runtime.shutdown()
+    return EXIT_PREEMPTED
 
 
 def skip_batches(train_iterator, num_microbatches: int, optimizer) -> StepResult:
