@@ -115,15 +115,28 @@ def parse_layout(layout: str) -> List[List[str]]:
 
 
 def default_layout(*, num_layers: int, mtp_num_layers: int, pp: int, vpp: int) -> str:
-    """Even split of the decoder layers over pp*vpp virtual stages; MTP and loss on the last one.
+    """The decoder layers over pp*vpp virtual stages; the embedding on the first, MTP and the loss on
+    the last.
 
-    Assumes num_layers % (pp * vpp) == 0 (validate() checks it when no explicit layout is given).
+    An even split when the layers divide; otherwise every stage gets at least one layer and each
+    further layer goes to the stage with the least work so far, counting the embedding as one layer
+    and the MTP block plus the output layer as `mtp_num_layers + 1` (so the first and last stages
+    are lighter, as hand-written layouts for V4-Flash are).
     """
     n_stages = pp * vpp
-    per_stage = num_layers // n_stages
+    if num_layers % n_stages == 0:
+        counts = [num_layers // n_stages] * n_stages
+    else:
+        extra = [0] * n_stages
+        extra[0] += 1
+        extra[-1] += mtp_num_layers + 1
+        counts = [1] * n_stages
+        for _ in range(num_layers - n_stages):
+            lightest = min(range(n_stages), key=lambda i: (counts[i] + extra[i], i))
+            counts[lightest] += 1
     parts = []
-    for i in range(n_stages):
-        s = ("E" if i == 0 else "") + "t" * per_stage
+    for i, count in enumerate(counts):
+        s = ("E" if i == 0 else "") + "t" * count
         if i == n_stages - 1:
             s += "m" * mtp_num_layers + "L"
         parts.append(s)

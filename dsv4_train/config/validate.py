@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import List, Optional
 
-from dsv4_train.config.derive import parse_layout, stage_settings
+from dsv4_train.config.derive import default_layout, parse_layout, stage_settings
 from dsv4_train.config.model import ATTENTION_BACKENDS
 from dsv4_train.model.blocking import context_parallel_halo
 
@@ -188,16 +188,19 @@ def check_parallel(cfg, world_size: Optional[int], problems: List[str]) -> None:
     if p.vpp is not None and p.vpp > 1 and p.pp == 1:
         problems.append(f"parallel.vpp={p.vpp} requires parallel.pp > 1; set parallel.vpp=null.")
     vpp = p.vpp or 1
-    if p.pipeline_layout:
-        check_layout(p.pipeline_layout, cfg, vpp, problems)
-    else:
-        if m.num_layers < p.pp:
-            problems.append(f"model.num_layers={m.num_layers} is smaller than parallel.pp={p.pp}.")
-        elif p.pp * vpp > 1 and m.num_layers % (p.pp * vpp):
-            problems.append(
-                f"model.num_layers={m.num_layers} is not divisible by parallel.pp * vpp = {p.pp}*{vpp}; "
-                "set parallel.pipeline_layout (e.g. 'Et*11|t*11|t*11|t*10,mL') or change pp/vpp."
-            )
+    if m.num_layers < p.pp * vpp:
+        problems.append(
+            f"model.num_layers={m.num_layers} is smaller than parallel.pp * vpp = {p.pp}*{vpp} pipeline stages; "
+            "every stage needs at least one layer: lower parallel.pp or parallel.vpp."
+        )
+    elif p.pipeline_layout:
+        found: List[str] = []
+        check_layout(p.pipeline_layout, cfg, vpp, found)
+        if found:
+            example = default_layout(num_layers=m.num_layers, mtp_num_layers=m.mtp_num_layers, pp=p.pp, vpp=vpp)
+            found[-1] += (f" A layout that fits this model: parallel.pipeline_layout=\"{example}\" (or null: "
+                          "derived the same way).")
+        problems.extend(found)
     if dp is not None and t.micro_batch_size > 0 and t.global_batch_size % (t.micro_batch_size * dp):
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"

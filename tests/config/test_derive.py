@@ -66,3 +66,24 @@ def test_parse_layout_grammar():
         ["embedding", "decoder", "decoder"], ["decoder", "decoder"], ["decoder", "decoder"], ["mtp", "loss"]]
     with pytest.raises(ValueError, match="pipeline_layout"):
         parse_layout("Ex|L")
+
+
+def test_uneven_pipeline_layouts_are_derived_lighter_at_the_ends():
+    from dsv4_train.config.derive import default_layout, parse_layout
+
+    # V4-Flash: 43 layers + MTP over 8 stages; the embedding and the MTP/head stages get fewer layers.
+    flash = default_layout(num_layers=43, mtp_num_layers=1, pp=8, vpp=1)
+    assert flash == "Et*5|t*6|t*6|t*6|t*6|t*6|t*5|t*3mL"
+    assert sum(kinds.count("decoder") for kinds in parse_layout(flash)) == 43
+    assert default_layout(num_layers=5, mtp_num_layers=1, pp=2, vpp=1) == "Et*3|t*2mL"  # tiny, PP2
+    assert default_layout(num_layers=4, mtp_num_layers=1, pp=2, vpp=1) == "Et*2|t*2mL"  # even: unchanged
+    interleaved = parse_layout(default_layout(num_layers=5, mtp_num_layers=1, pp=2, vpp=2))
+    assert len(interleaved) == 4 and all("decoder" in kinds for kinds in interleaved)
+
+
+def test_uneven_pp_without_a_layout_is_accepted_and_a_bad_layout_gets_a_fitting_example():
+    from dsv4_train.config.validate import ConfigError, validate
+
+    validate(compose(["parallel.pp=2"]), world_size=2)  # 5 layers over 2 stages: derived
+    with pytest.raises(ConfigError, match=r'A layout that fits this model: parallel.pipeline_layout="Et\*3\|t\*2mL"'):
+        validate(compose(["parallel.pp=2", 'parallel.pipeline_layout="Et*2|t*2mL"']), world_size=2)
