@@ -2,9 +2,10 @@
 
 A harmless payload (its unpickling would create a marker file) is planted in each kind of pickle a
 checkpoint has: the distributed checkpoint's `.metadata`, our per-rank RNG file, and a non-tensor item
-of a `.distcp` file (through torch's load planner, the path those items take). Resuming refuses with
-one message naming the file (exit 2, no traceback) and the marker never appears; an untouched
-checkpoint still resumes.
+of a `.distcp` file (through torch's load planner, the path those items take). Without manifest
+verification, resuming refuses with one message naming the file (exit 2, no traceback); with it (the
+default) the changed file fails its checksum and the run falls back to an intact checkpoint. Either
+way the marker never appears; an untouched checkpoint still resumes.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def trained(tmp_path_factory):
     return run_dir
 
 
-def _resume(run_dir, tmp_path, plant):
+def _resume(run_dir, tmp_path, plant, *extra):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     marker = tmp_path / "payload_ran"
     target = plant(copy / "checkpoints" / "step_00000002", marker)
-    result = run_cli(["train.max_steps=3", *RUN, f"run.dir={copy}"], timeout=600)
+    result = run_cli(["train.max_steps=3", *RUN, *extra, f"run.dir={copy}"], timeout=600)
     return result, marker, target
 
 
@@ -60,10 +61,20 @@ def _plant_rng(step_dir, marker):
 @pytest.mark.slow
 @pytest.mark.parametrize("plant", [_plant_metadata, _plant_rng], ids=["metadata", "rng"])
 def test_planted_payload_is_refused_and_never_runs(trained, tmp_path, plant):
-    result, marker, target = _resume(trained, tmp_path, plant)
+    # checkpoint.verify=off: the loaders themselves are the guard (with verification on, the changed
+    # file fails its checksum first and the run falls back: the next test).
+    result, marker, target = _resume(trained, tmp_path, plant, "checkpoint.verify=off")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert not marker.exists(), "the payload ran"
     assert str(target) in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_planted_payload_fails_verification_and_the_run_falls_back(trained, tmp_path):
+    result, marker, target = _resume(trained, tmp_path, _plant_metadata)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not marker.exists(), "the payload ran"
+    assert f"{target}: " in result.stdout and "falling back to the newest verified checkpoint" in result.stdout
 
 
 @pytest.mark.slow
