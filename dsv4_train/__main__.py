@@ -17,16 +17,41 @@ from dsv4_train.config.load import CONFIG_DIR, exit_on_config_error, run_with_fr
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 @exit_on_config_error
-def _hydra_entry(cfg: DictConfig) -> None:
+def _hydra_entry(cfg: DictConfig) -> float:
     from dsv4_train.cli import EXIT_USER_ERROR, execute, report_user_error
 
+    in_sweep = _in_multirun()
     try:
-        code = execute(to_typed(cfg), yaml_text=OmegaConf.to_yaml(cfg, resolve=True))
+        outcome = execute(to_typed(cfg), yaml_text=OmegaConf.to_yaml(cfg, resolve=True))
     except ValueError as error:  # data / checkpoint input errors found inside the job
         report_user_error(error)
+        if in_sweep:
+            return float("nan")  # a failed trial (result.json says why); the sweep goes on
         sys.exit(EXIT_USER_ERROR)
+    except Exception:
+        if not in_sweep:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into this job's log; result.json records the error
+        return float("nan")
+    finally:
+        from dsv4_train.launch import run_lock
+
+        run_lock.release_all()  # a sweep runs its jobs in one process, each in its own run.dir
+    code, objective = outcome if isinstance(outcome, tuple) else (outcome, float("nan"))
+    if in_sweep:
+        return objective  # what a sweeper (Optuna) optimises; NaN marks a failed or diverged trial
     if code:
         sys.exit(code)
+    return objective
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def main() -> None:

@@ -93,8 +93,9 @@ def quiet_library_logs() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
-def execute(cfg: Config, *, yaml_text: str) -> int:
-    """Validate, derive, and run the plan or the training. Returns the exit code."""
+def execute(cfg: Config, *, yaml_text: str):
+    """Validate, derive, and run the plan or the training. Returns (exit code, objective) for a
+    training run (train/objective.py), the exit code for a plan."""
     quiet_library_logs()
     from dsv4_train.config.derive import derive
     from dsv4_train.config.validate import validate
@@ -134,8 +135,9 @@ def execute(cfg: Config, *, yaml_text: str) -> int:
         lock_run_directories(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)
     from dsv4_train.train.loop import run_training
+    from dsv4_train.train.objective import record_run
 
-    return run_training(cfg, derived)
+    return record_run(cfg, lambda: run_training(cfg, derived), is_main=process.rank == 0)
 
 
 def report_user_error(error: BaseException) -> None:

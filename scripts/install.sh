@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install dsv4-train into the active Python environment.
 #   scripts/install.sh          runtime only
-#   scripts/install.sh test     plus the test extras (pytest, transformers)
+#   scripts/install.sh test     plus the test extras (pytest, transformers, the Slurm and sweep plugins)
+#   scripts/install.sh sweep    plus Optuna sweeps and sweep reports (hydra-optuna-sweeper, matplotlib)
 # On a machine without CUDA this installs the CPU build of torch 2.13.0 first, so pip never resolves
 # a multi-GB CUDA build, then megatron-core 0.19.2 (its cp311 wheel works on Python 3.11 although
 # its metadata says >=3.12, hence --ignore-requires-python; numpy is installed first so that flag
@@ -11,8 +12,8 @@ cd "$(dirname "$0")/.."
 
 extras="${1:-}"
 case "$extras" in
-  ""|test|wandb|slurm) ;;
-  *) echo "scripts/install.sh: unknown extra '$extras' (use: test, wandb, slurm, or nothing)" >&2; exit 2 ;;
+  ""|test|wandb|slurm|sweep) ;;
+  *) echo "scripts/install.sh: unknown extra '$extras' (use: test, wandb, slurm, sweep, or nothing)" >&2; exit 2 ;;
 esac
 
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -z "${CONDA_PREFIX:-}" ]; then

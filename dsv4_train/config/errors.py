@@ -165,13 +165,23 @@ def _glob_values(override, config_dir: str) -> List[str]:
     return [o for o in keep if not any(fnmatch.fnmatch(o, g) for g in glob.exclude)]
 
 
+def _interval_ends(override) -> List[str]:
+    interval = override.value()
+    if not interval.start < interval.end:
+        raise ValueError(
+            f"{override.input_line}: the search interval of {override.key_or_group} is empty (start "
+            f"{interval.start} >= end {interval.end}); give interval(low, high) with low < high."
+        )
+    return [str(interval.start), str(interval.end)]
+
+
 def override_sets(overrides: Sequence[str], *, multirun: bool, config_dir: str) -> List[List[str]]:
     """The override lists to pre-compose: the overrides themselves, or for a sweep one list per
     swept value (the other sweeps at their first value), which checks every value once."""
     if not multirun:
         return [list(overrides)]
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Glob
+    from hydra.core.override_parser.types import Glob, IntervalSweep
 
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     choices = []
@@ -180,9 +190,15 @@ def override_sets(overrides: Sequence[str], *, multirun: bool, config_dir: str) 
             choices.append([o.input_line])
             continue
         prefix = o.get_key_element()
-        values = (
-            _glob_values(o, config_dir) if isinstance(o.value(), Glob) else list(o.sweep_string_iterator())
-        )
+        if isinstance(o.value(), IntervalSweep):  # an Optuna search interval: check both ends
+            values = _interval_ends(o)
+        else:
+            values = (
+                _glob_values(o, config_dir) if isinstance(o.value(), Glob) else list(o.sweep_string_iterator())
+            )
+        if not values:
+            raise ValueError(f"{o.input_line}: the sweep over {o.key_or_group} has no values; give it a non-empty "
+                             "range or list.")
         choices.append([f"{prefix}={v}" for v in values] or [])
     base = [c[0] for c in choices if c]
     sets = [base]
@@ -224,10 +240,16 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
                 "hydra/launcher=dsv4_slurm needs hydra-submitit-launcher, an optional extra: install it "
                 "with `scripts/install.sh slurm` (or `pip install hydra-submitit-launcher`)."
             )
+    sweeper = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra/sweeper=")), None)
+    overrides_to_check = list(args.overrides)
+    if args.multirun:
+        sweeper = sweeper or _recipe_sweeper(args.overrides)
+        if sweeper == "dsv4_optuna":
+            overrides_to_check += optuna_search_space(args.overrides)
     remote_sweep = args.multirun and any(
         o.startswith("hydra/launcher=") and o.split("=", 1)[1] != "basic" for o in args.overrides
     )
-    for overrides in override_sets(args.overrides, multirun=args.multirun, config_dir=load.CONFIG_DIR):
+    for overrides in override_sets(overrides_to_check, multirun=args.multirun, config_dir=load.CONFIG_DIR):
         typed = load.to_typed(load.compose_dict(overrides))
         if not args.cfg:  # --cfg only prints; do not refuse to show an invalid config
             # A plan made on one process describes the layout's own world (parallel.world_size).
@@ -235,6 +257,36 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
             validate(typed, world_size=plan_world)
             if extra_check is not None:
                 extra_check(typed)
+
+
+def _recipe_sweeper(overrides: Sequence[str]) -> Optional[str]:
+    """The sweeper the composed config selects (a recipe may choose one), without running Hydra."""
+    from dsv4_train.config import load
+
+    plain = [o for o in overrides if "," not in o and "(" not in o]
+    with load.initialize_config_dir(config_dir=load.CONFIG_DIR, version_base=None, job_name="dsv4"):
+        cfg = load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True)
+    target = str(cfg.hydra.sweeper.get("_target_", ""))
+    return "dsv4_optuna" if target.endswith("ResumableOptunaSweeper") else None
+
+
+def optuna_search_space(overrides: Sequence[str]) -> List[str]:
+    """hydra.sweeper.params of an Optuna sweep as sweep overrides, so that preflight composes and
+    validates every key at the ends of its range; refuses a missing plugin."""
+    import importlib.util
+
+    from dsv4_train.config import load
+
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        raise ValueError(
+            "hydra/sweeper=dsv4_optuna needs hydra-optuna-sweeper, an optional extra: install it with "
+            "`scripts/install.sh sweep` (or pip install 'dsv4-train[sweep]')."
+        )
+    plain = [o for o in overrides if "," not in o and "(" not in o]
+    with load.initialize_config_dir(config_dir=load.CONFIG_DIR, version_base=None, job_name="dsv4"):
+        cfg = load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True)
+    params = cfg.hydra.sweeper.get("params") or {}
+    return [f"{key}={value}" for key, value in params.items()]
 
 
 def report(exc: BaseException, stream=None) -> None:

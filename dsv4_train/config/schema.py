@@ -14,6 +14,17 @@ from dsv4_train.config.model import ModelConfig
 
 
 @dataclass
+class ObjectiveConfig:
+    """The number a run reports to a sweep (its task return value, and `result.json`)."""
+
+    # auto: the final val_loss when train.eval_iters > 0, else the mean lm_loss of the last `last_n`
+    # steps; or a metrics.jsonl key (val_* keys: their final value; others: the mean of the last_n steps).
+    metric: str = "auto"
+    direction: str = "minimize"  # minimize | maximize
+    last_n: int = 10
+
+
+@dataclass
 class RunConfig:
     """Where the run writes and how it starts."""
 
@@ -27,6 +38,7 @@ class RunConfig:
     peak_tflops: Optional[float] = None
     # How long a collective may wait for the other ranks before the job fails (NCCL/gloo timeout).
     dist_timeout_minutes: float = 10.0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 @dataclass

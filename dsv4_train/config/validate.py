@@ -415,6 +415,7 @@ def check_io(cfg, problems: List[str]) -> None:
             f"{c.keep_last} >= 1."
         )
     _one_of(problems, "checkpoint.verify", c.verify, CHECKPOINT_VERIFY)
+    check_objective(cfg, problems)
     if not c.load or not c.load.strip():
         problems.append("checkpoint.load is empty; use auto, none or a checkpoint directory.")
     if not r.dir:
@@ -473,6 +474,22 @@ def check_stages(cfg, world_size: Optional[int], problems: List[str]) -> None:
             for key, name in _STAGE_FIELDS.items():
                 problem = problem.replace(f"{key}=", f"train.stages[{source}].{name}=")
             problems.append(f"train.stages[{source}] (from step {start + 1}): {problem}")
+
+
+def check_objective(cfg, problems: List[str]) -> None:
+    """run.objective names a metric this run produces (train/objective.py)."""
+    from dsv4_train.train.objective import EVAL_METRICS, PER_STEP_METRICS
+
+    o = cfg.run.objective
+    _one_of(problems, "run.objective.metric", o.metric, ("auto",) + PER_STEP_METRICS + EVAL_METRICS)
+    _one_of(problems, "run.objective.direction", o.direction, ("minimize", "maximize"))
+    if o.metric in EVAL_METRICS and cfg.train.eval_iters <= 0:
+        problems.append(
+            f"run.objective.metric={o.metric} needs evaluation, but train.eval_iters=0 never evaluates; set "
+            "train.eval_iters (e.g. 4) or use run.objective.metric=auto (lm_loss without evaluation)."
+        )
+    if o.last_n < 1:
+        problems.append(f"run.objective.last_n={o.last_n} must be >= 1 (steps averaged for a per-step metric).")
 
 
 def _valid_weight(split: str) -> float:

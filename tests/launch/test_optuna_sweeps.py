@@ -1,0 +1,122 @@
+"""Sweeps that answer the question (train/objective.py, launch/optuna_sweep.py, dsv4_train/report.py).
+
+* A 6-trial Optuna sweep of the tiny model, killed (SIGKILL) while its 4th trial trains, and re-run
+  with the same command: the 3 finished trials are not re-run (their result.json untouched) and 3 new
+  trials finish the budget; every finished trial's Optuna value equals the objective recomputed from
+  its own metrics.jsonl (mean lm_loss of the last 3 steps), exactly.
+* A grid multirun with an absurd learning rate first: that run ends `diverged` (no objective), the
+  next one still runs, and the report lists both with report.md, report.csv and PNG plots.
+* An Optuna sweep through the Slurm launcher (stand-in Slurm tools) runs 2 trials with objectives.
+* Bad sweep input is refused before any trial: a search-space key that does not exist, an empty
+  interval, an objective metric the run does not produce.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO, cli_env, read_metrics
+from tests.launch.launch_helpers import describe, slurm_env
+
+optuna = pytest.importorskip("optuna")
+
+TRIAL = ["train.max_steps=4", "optim.warmup_steps=1", "optim.min_lr=0", "run.objective.last_n=3",
+         "checkpoint=none"]
+OPTUNA = ["-m", "hydra/sweeper=dsv4_optuna", "hydra.sweeper.n_trials=6", "hydra.sweeper.sampler.seed=7",
+          "optim.lr=tag(log, interval(1e-4, 1e-2))"]
+
+
+def _cli(args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "dsv4_train", *args], cwd=REPO, env=env or cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _recomputed(job_dir) -> float:
+    losses = [r["lm_loss"] for r in read_metrics(job_dir)]
+    return sum(losses[-3:]) / 3
+
+
+@pytest.mark.slow
+def test_optuna_sweep_killed_and_resumed(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [*OPTUNA, *TRIAL, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_train", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not (sweep / "3" / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {job: (sweep / job / "result.json").stat().st_mtime_ns for job in ("0", "1", "2")}
+    assert not (sweep / "3" / "result.json").exists()
+
+    resumed = _cli(args)
+    assert resumed.returncode == 0, describe(resumed)
+    for job, mtime in finished.items():
+        assert (sweep / job / "result.json").stat().st_mtime_ns == mtime, f"trial {job} was re-run"
+    study = optuna.load_study(study_name="tiny_pretrain", storage=f"sqlite:///{sweep}/optuna.db")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6 and len(study.trials) == 7  # + the killed one, marked failed
+    assert [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL] == [3]
+    for trial in complete:
+        job = sweep / str(trial.number)
+        result = json.loads((job / "result.json").read_text())
+        assert result["status"] == "ok" and result["metric"] == "lm_loss"
+        assert trial.value == result["objective"] == _recomputed(job)
+
+
+@pytest.mark.slow
+def test_grid_sweep_with_a_diverging_run_and_the_report(tmp_path):
+    sweep = tmp_path / "grid"
+    run = _cli(["-m", "optim.lr=1e4,3e-3", *TRIAL, "train.max_skipped_steps=0", f"hydra.sweep.dir={sweep}"])
+    assert run.returncode == 0, describe(run)
+    diverged, good = (json.loads((sweep / j / "result.json").read_text()) for j in ("0", "1"))
+    assert diverged["status"] == "diverged" and diverged["objective"] is None
+    assert good["status"] == "ok" and good["objective"] == _recomputed(sweep / "1")
+    report = subprocess.run([sys.executable, "-m", "dsv4_train.report", str(sweep)], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    lines = report.stdout.splitlines()
+    assert lines[0].split()[:2] == ["job", "optim.lr"] and lines[1].split()[:2] == ["1", "0.003"]
+    assert "diverged" in lines[2]
+    for name in ("report.md", "report.csv", "loss_curves.png", "objective_vs_optim.lr.png"):
+        assert (sweep / name).stat().st_size > 0, name
+    assert (sweep / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_optuna_sweep_through_the_slurm_launcher(tmp_path):
+    from dsv4_train.launch import slurm_sweep
+
+    if not slurm_sweep.HAVE_SUBMITIT:
+        pytest.skip("hydra-submitit-launcher (optional extra) not installed")
+    sweep = tmp_path / "slurm"
+    env = slurm_env(tmp_path / "state", {"FAKE_SLURM_BACKGROUND": "1"})
+    run = _cli(["-m", "hydra/sweeper=dsv4_optuna", "hydra.sweeper.n_trials=2", "optim.lr=interval(1e-3, 3e-3)",
+                "hydra/launcher=dsv4_slurm", "hydra.launcher.nodes=1", "hydra.launcher.tasks_per_node=1",
+                "hydra.launcher.gpus_per_node=1", *TRIAL, f"hydra.sweep.dir={sweep}"], env)
+    assert run.returncode == 0, describe(run)
+    study = optuna.load_study(study_name="tiny_pretrain", storage=f"sqlite:///{sweep}/optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in study.trials:
+        assert math.isfinite(trial.value) and trial.value == _recomputed(sweep / str(trial.number))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["optim.lrr=interval(1e-4, 1e-2)"], "Unknown config key 'optim.lrr'"),
+    (["optim.lr=interval(1e-2, 1e-4)"], "the search interval of optim.lr is empty"),
+    (["run.objective.metric=val_loss"], "run.objective.metric=val_loss needs evaluation"),
+    (["hydra.sweeper.n_trails=3"], "Unknown config key 'hydra.sweeper.n_trails'"),
+])
+def test_bad_sweeps_are_refused_before_any_trial(tmp_path, args, expected):
+    result = _cli(["-m", "hydra/sweeper=dsv4_optuna", *args, f"hydra.sweep.dir={tmp_path / 's'}"], timeout=300)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
