@@ -204,7 +204,12 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
         else:
             os.replace(partial, final)
         _write_latest(root, os.path.basename(final))
-        _prune(root, keep_last=keep_last, keep=final)
+        damaged = manifest.size_problems(final, files)
+        if damaged:  # never prune the older, intact checkpoints for a damaged new one
+            print(f"checkpoint {final} does not match its manifest right after saving ({', '.join(damaged)}); "
+                  "older checkpoints are kept", flush=True)
+        else:
+            _prune(root, keep_last=keep_last, keep=final)
     _barrier()
     return final
 

@@ -86,3 +86,13 @@ def problems(directory: str, files: Dict[str, dict], *, mode: str, marker_name: 
         elif mode == "full" and crc32(path) != expected["crc32"]:
             found.append(f"{path}: checksum mismatch (the file changed after it was saved)")
     return sorted(p for part in _gather(found) for p in part)
+
+
+def size_problems(directory: str, files: Dict[str, dict]) -> List[str]:
+    """Local (one process) size check of a checkpoint just written, before older ones are pruned."""
+    found = []
+    for name, expected in files.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != expected["size"]:
+            found.append(path)
+    return found
