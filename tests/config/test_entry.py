@@ -1,52 +1,34 @@
-"""The @hydra.main path as real subprocesses: --cfg job, -m multirun with one run.dir per job, and
-bad inputs reported as one message with exit status 2 and no traceback.
+"""The real entry point (`python -m dsv4_train`) as subprocesses: --cfg job, one run.dir per run and per
+multirun job, and bad inputs reported as one message with exit status 2 and no traceback.
 
-The entry under test is a minimal script wired exactly as dsv4_train/__main__.py should be
-(`@hydra.main(config_path=CONFIG_DIR, ...)` + `run_with_friendly_errors`), whose task only records
-the typed config, so these tests exercise configuration and not training.
+The runs use `run.plan_only=true`: the real entry composes, validates and writes `plan.json` (with the
+run's batch settings) into its run.dir without training, so these tests exercise configuration.
 """
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent(
-    """
-    import json, os, sys, uuid
-    import hydra
-    from dsv4_train.config.load import CONFIG_DIR, exit_on_config_error, run_with_friendly_errors, to_typed
-
-    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-    @exit_on_config_error
-    def entry(dcfg):
-        cfg = to_typed(dcfg)
-        with open(os.path.join(os.environ["RECORD_DIR"], f"job{uuid.uuid4().hex}.json"), "w") as f:
-            json.dump({"run_dir": cfg.run.dir, "max_steps": cfg.train.max_steps, "model": cfg.model.name}, f)
-
-    if __name__ == "__main__":
-        run_with_friendly_errors(entry)
-    """
-)
+from tests.helpers import REPO, cli_env
 
 
 @pytest.fixture()
 def entry(tmp_path):
-    script = tmp_path / "entry.py"
-    script.write_text(SCRIPT)
-    record = tmp_path / "records"
-    record.mkdir()
-
     def run(*args):
-        env = {**os.environ, "RECORD_DIR": str(record), "TORCHDYNAMO_DISABLE": "1"}
-        env.pop("HYDRA_FULL_ERROR", None)
-        env.pop("WORLD_SIZE", None)
-        proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
-        jobs = [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
+        env = cli_env()
+        fixed = ["run.plan_only=true", f"hydra.run.dir={tmp_path}/runs/tiny_pretrain/now",
+                 f"hydra.sweep.dir={tmp_path}/multirun/now"]
+        flags = [a for a in args if a == "-m"]  # argparse wants the flag before the overrides
+        rest = [a for a in args if a != "-m"]
+        proc = subprocess.run([sys.executable, "-m", "dsv4_train", *flags, *fixed, *rest],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        jobs = []
+        for path in sorted(tmp_path.rglob("plan.json")):
+            plan = json.loads(path.read_text())
+            jobs.append({"run_dir": str(path.parent), "max_steps": plan["schedule"]["decay_end_step"],
+                         "model": plan["model"]})
         return proc, jobs
 
     return run
