@@ -8,16 +8,20 @@ Accepted layouts:
   5.24): the same names under a `model.` prefix, except `model.embed_tokens.weight`,
   `model.hc_head.hc_{fn,base,scale}` and `head.weight`; the main attention's KV norm is written as
   `attn.norm.weight` (official: `attn.kv_norm.weight`). Both are accepted.
-* single `model.safetensors` or sharded with `model.safetensors.index.json`.
+* single `model.safetensors` or sharded with `model.safetensors.index.json`;
+* DeepSeek's release format: FP8 block-scaled linears and packed FP4 routed experts with their
+  `.scale` (or `weight_scale_inv`) tensors are dequantised exactly (bridge/release_format.py; the
+  names dequantised are in `model.hf_import_report["dequantized_fp8" / "dequantized_fp4"]`).
 Configs: transformers' (`layer_types` / `compress_rates` / `mlp_layer_types` / `rope_parameters`),
 the official HF one (`compress_ratios`, `num_hash_layers`, `rope_scaling`) and the official
 inference ModelArgs naming (`dim`, `n_layers`, `window_size`, ...).
 
 MTP: transformers does not implement MTP and its saves carry no `mtp.*` tensors. When the config
 declares MTP layers but the checkpoint has none, the MTP block keeps its fresh initialisation, a
-warning names the missing tensors and `model.hf_import_report["mtp_initialised"]` lists them. Any
-other missing tensor, any unused tensor, a shape mismatch or quantized (FP8/FP4) weights raise one
-ValueError listing all of them.
+warning names the missing tensors and `model.hf_import_report["mtp_initialised"]` lists them; the
+release's `mtp.0.*` tensors are imported. Any other missing tensor, any unused tensor, a shape
+mismatch, a quantised weight without its scale (or a scale of the wrong shape), or an unknown
+quantisation method raise one ValueError naming them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from dsv4_train.bridge.release_format import dequantize
 from dsv4_train.config.model import ModelConfig, YarnConfig
 
 _HF_LAYER_TYPE_RATIO_KEY = {
@@ -117,13 +122,26 @@ def _yarn(raw: dict) -> YarnConfig:
     return none
 
 
+def release_block_size(raw: dict) -> int:
+    """The FP8 block of a release config's quantization_config (128 when there is none)."""
+    quant = raw.get("quantization_config") or {}
+    if not quant:
+        return 128
+    method, fmt = quant.get("quant_method"), quant.get("fmt", "e4m3")
+    if method != "fp8" or fmt != "e4m3":
+        raise ValueError(
+            f"config.json: quantization_config quant_method={method!r} fmt={fmt!r} is not DeepSeek's release "
+            "format (quant_method 'fp8', fmt 'e4m3', with FP4 experts); dequantize it to bf16/fp32 first."
+        )
+    block = quant.get("weight_block_size", [128, 128])
+    if len(block) != 2 or block[0] != block[1]:
+        raise ValueError(f"config.json: quantization_config weight_block_size={block} is not a square block.")
+    return int(block[0])
+
+
 def model_config_from_hf(raw: dict) -> ModelConfig:
     """Map an HF / official DeepSeek-V4 config.json dict onto our ModelConfig."""
-    if raw.get("quantization_config"):
-        raise ValueError(
-            "config.json declares a quantization_config (FP8/FP4 release weights); load_hf imports "
-            "unquantized weights only. Dequantize the checkpoint to bf16/fp32 first."
-        )
+    release_block_size(raw)  # refuses an unknown quantisation method up front
     num_layers = int(_first(raw, "num_hidden_layers", "n_layers"))
     mtp_layers = int(_first(raw, "num_nextn_predict_layers", "n_mtp_layers", default=0))
     head_dim = int(_first(raw, "head_dim", default=512))
@@ -205,8 +223,11 @@ _HF_RENAMES = [
 ]
 
 
-def to_native_names(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Map transformers-saved names onto DeepSeek's native ones; native names pass unchanged."""
+def to_native_names(tensors: Dict[str, torch.Tensor], *, block: int = 128, report: Optional[dict] = None
+                    ) -> Dict[str, torch.Tensor]:
+    """Map transformers-saved names onto DeepSeek's native ones (native names pass unchanged) and
+    dequantise the release's FP8 / FP4 weights (bridge/release_format.py); `report` receives the
+    names dequantised per format."""
     out = {}
     for name, tensor in tensors.items():
         if name.startswith("model."):
@@ -216,12 +237,9 @@ def to_native_names(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
         if name in out:
             raise ValueError(f"checkpoint holds tensor {name!r} twice (under two naming schemes).")
         out[name] = tensor
-    quantized = sorted(n for n in out if n.endswith(".scale") or out[n].dtype in (torch.float8_e4m3fn, torch.int8, torch.uint8))
-    if quantized:
-        raise ValueError(
-            "checkpoint holds quantized weights / block scales (e.g. "
-            f"{quantized[:3]}); load_hf imports unquantized weights only. Dequantize first."
-        )
+    out, dequantized = dequantize(out, block=block)
+    if report is not None:
+        report.update(dequantized)
     return out
 
 
@@ -385,7 +403,8 @@ def load_hf(path: str, *, precision: str = "fp32", seed: int = 1234, moe_expert_
         raw = json.load(handle)
     model_cfg = model_config_from_hf(raw)
     model_cfg.moe_expert_compute = moe_expert_compute
-    tensors = to_native_names(read_safetensors(path))
+    dequantized: dict = {}
+    tensors = to_native_names(read_safetensors(path), block=release_block_size(raw), report=dequantized)
     _ensure_runtime(seed)
 
     from dsv4_train.model.builder import build_model
@@ -394,4 +413,5 @@ def load_hf(path: str, *, precision: str = "fp32", seed: int = 1234, moe_expert_
     config = build_transformer_config(model_cfg=model_cfg, precision=precision)
     model = build_model(model_cfg=model_cfg, transformer_config=config)
     model.hf_import_report = load_state_into(model, tensors)
+    model.hf_import_report.update({f"dequantized_{kind}": names for kind, names in dequantized.items()})
     return model.eval()

@@ -145,14 +145,16 @@ def test_duplicate_hash_experts_rejected(hf_dir, tmp_path):
         load_hf(_rewrite(hf_dir, tmp_path, edit))
 
 
-def test_quantized_config_rejected(hf_dir, tmp_path):
+def test_unknown_quantization_method_rejected(hf_dir, tmp_path):
     from dsv4_train.bridge import model_config_from_hf
 
     with open(os.path.join(hf_dir, "config.json")) as handle:
         raw = json.load(handle)
-    raw["quantization_config"] = {"quant_method": "fp8"}
-    with pytest.raises(ValueError, match="quantization_config"):
+    raw["quantization_config"] = {"quant_method": "awq"}
+    with pytest.raises(ValueError, match="quant_method='awq'"):
         model_config_from_hf(raw)
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    model_config_from_hf(raw)  # the release's own: accepted
 
 
 def test_official_inference_config_naming_maps_like_hf(hf_dir):

@@ -1,0 +1,97 @@
+"""DeepSeek's release weight format: FP8 block-scaled linears and MXFP4 routed experts, dequantised.
+
+Written by hand: neither Megatron-Core nor transformers' loading path is available as a library
+function for this layout. The rules (the release's own `inference/convert.py` and `kernel.py`):
+
+* FP8 (`float8_e4m3fn`) weight `[out, in]` with `<name>.scale` `[ceil(out/B), ceil(in/B)]` (F32 or
+  E8M0), B = `quantization_config.weight_block_size` (128 in V4): W[i, j] = Q[i, j] * S[i // B, j // B];
+  edge tiles cover only the remaining rows/columns. The scale is a multiplier (`weight_scale_inv`, the
+  V3 name, means the same).
+* MXFP4 (`int8`, packed) weight `[out, in/2]` with an E8M0 `<name>.scale` `[out, in/32]`: byte k of a
+  row holds elements 2k (low nibble) and 2k+1 (high nibble); E2M1 codes 0..7 are 0, .5, 1, 1.5, 2, 3,
+  4, 6 and 8..15 their negatives; W[i, j] = E2M1(code) * 2^(S_byte[i, j // 32] - 127).
+* E8M0 bytes decode to 2^(b - 127) (255 is NaN), read from the bytes, never by a value cast.
+
+Which rule applies is decided per tensor by its dtype and checked against its scale's shape, never
+by the tensor's name (an FP4 expert run through the FP8 rule would lose half its values).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float32)
+FP4_GROUP = 32
+SCALE_SUFFIXES = (".scale", ".weight_scale_inv")
+
+
+def decode_e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """E8M0 scale bytes (a float8_e8m0fnu or uint8 tensor) -> float32 powers of two (255 -> NaN)."""
+    raw = scale.view(torch.uint8) if scale.dtype != torch.uint8 else scale
+    values = torch.exp2(raw.to(torch.float32) - 127.0)
+    return torch.where(raw == 255, torch.full_like(values, float("nan")), values)
+
+
+def _scale_values(scale: torch.Tensor) -> torch.Tensor:
+    if scale.dtype in (getattr(torch, "float8_e8m0fnu", None), torch.uint8):
+        return decode_e8m0(scale)
+    return scale.to(torch.float32)
+
+
+def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, *, block: int, name: str) -> torch.Tensor:
+    out_dim, in_dim = weight.shape
+    expected = (-(-out_dim // block), -(-in_dim // block))
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"tensor {name}: FP8 weight {list(weight.shape)} with block {block} needs a scale of shape "
+                         f"{list(expected)}, the checkpoint has {list(scale.shape)}.")
+    factors = _scale_values(scale)
+    factors = factors.repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
+    return weight.to(torch.float32) * factors
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, *, name: str) -> torch.Tensor:
+    out_dim, half = packed.shape
+    in_dim = 2 * half
+    expected = (out_dim, in_dim // FP4_GROUP)
+    if in_dim % FP4_GROUP or tuple(scale.shape) != expected:
+        raise ValueError(f"tensor {name}: packed FP4 weight {list(packed.shape)} (logical [{out_dim}, {in_dim}]) "
+                         f"needs an E8M0 scale of shape {list(expected)}, the checkpoint has {list(scale.shape)}.")
+    if scale.dtype not in (getattr(torch, "float8_e8m0fnu", None), torch.uint8):
+        raise ValueError(f"tensor {name}: FP4 block scales must be E8M0, the checkpoint has {scale.dtype}.")
+    codes = packed.view(torch.uint8).to(torch.int64)
+    low, high = codes & 0x0F, (codes >> 4) & 0x0F
+    values = E2M1_VALUES[torch.stack((low, high), dim=-1).reshape(out_dim, in_dim)]
+    return values * decode_e8m0(scale).repeat_interleave(FP4_GROUP, 1)
+
+
+def dequantize(tensors: Dict[str, torch.Tensor], *, block: int) -> tuple:
+    """(tensors with every quantised weight dequantised to float32 and no scale tensors left,
+    report {"fp8": [...], "fp4": [...]} of the names dequantised). Raises ValueError naming the tensor
+    for a scale without weight, a quantised weight without scale, an unknown quantised dtype or a
+    scale of the wrong shape."""
+    out = dict(tensors)
+    report: Dict[str, List[str]] = {"fp8": [], "fp4": []}
+    scales = {n: n[: -len(s)] for n in tensors for s in SCALE_SUFFIXES if n.endswith(s)}
+    for scale_name, module in scales.items():
+        weight_name = module + ".weight"
+        if weight_name not in tensors:
+            raise ValueError(f"tensor {scale_name}: a block scale without its weight {weight_name}.")
+        weight, scale = tensors[weight_name], out.pop(scale_name)
+        if weight.dtype == torch.float8_e4m3fn:
+            out[weight_name] = dequantize_fp8(weight, scale, block=block, name=weight_name)
+            report["fp8"].append(weight_name)
+        elif weight.dtype in (torch.int8, torch.uint8):
+            out[weight_name] = dequantize_fp4(weight, scale, name=weight_name)
+            report["fp4"].append(weight_name)
+        else:
+            raise ValueError(f"tensor {weight_name} has a block scale but dtype {weight.dtype}; the release format "
+                             "has FP8 (float8_e4m3fn) weights and packed FP4 (int8) experts only.")
+    unscaled = sorted(n for n, t in out.items() if t.dtype in (torch.float8_e4m3fn,) or
+                      (t.dtype in (torch.int8, torch.uint8) and not n.endswith("tid2eid")))
+    if unscaled:
+        raise ValueError(f"tensor {unscaled[0]} is quantised ({out[unscaled[0]].dtype}) but has no .scale tensor; "
+                         "the checkpoint is incomplete.")
+    return out, report
