@@ -36,7 +36,7 @@ from typing import List, Optional
 
 import torch
 
-from dsv4_train.checkpoint import manifest
+from dsv4_train.checkpoint import manifest, writer_queue
 from dsv4_train.checkpoint.safe_load import check_metadata, load_tensors_file, tensors_only_loads
 
 COMPLETE_MARKER = "dsv4_complete.json"
@@ -175,6 +175,7 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
         os.makedirs(partial)
     _barrier()
     sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, state, is_loading=False)
+    writer_queue.install()  # Megatron's writer manager process must not outlive a killed trainer
     dist_checkpointing.save(sharded, partial)
     os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))

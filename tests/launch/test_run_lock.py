@@ -91,3 +91,29 @@ def test_kill_9_of_the_torchrun_agent_stops_every_worker(tmp_path):
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_saving_run_leaves_no_process_behind(tmp_path):
+    """Megatron's checkpoint writer starts a multiprocessing manager; it dies with the trainer
+    (checkpoint/writer_queue.py)."""
+    import os
+    import signal
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_train", "train.max_steps=500", "optim.warmup_steps=1",
+                             "checkpoint.save_interval=1", f"run.dir={run_dir}"], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: any((run_dir / "checkpoints").glob("step_*/dsv4_complete.json")), 300), "no checkpoint"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "expected the writer's manager process"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            p.kill()

@@ -1,0 +1,35 @@
+"""Megatron-Core's checkpoint writer starts a multiprocessing Manager (a separate ~200 MB Python
+process) for its write-results queue at the first save and never stops it; when the trainer is
+killed (kill -9, OOM killer) the manager stays behind. We create that queue first, from a manager
+whose server process asks the kernel to kill it when its parent dies (Linux PR_SET_PDEATHSIG), and
+hand it to Megatron through the module global it fills lazily (`filesystem_async._results_queue`,
+megatron-core 0.19.2)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+_manager = None
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def install() -> None:
+    """Before the first save: Megatron's results queue served by a manager that dies with us."""
+    global _manager
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _manager is not None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    from multiprocessing.managers import SyncManager
+
+    _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = _manager.Queue()
