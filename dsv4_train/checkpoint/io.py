@@ -505,10 +505,13 @@ def _set_rng_state(state: dict) -> None:
     import numpy as np
     from megatron.core import tensor_parallel
 
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    nps = state["numpy"]
-    np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"]))
+    py, nps = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"])
+    if isinstance(nps, dict):
+        nps = (nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"])
+    random.setstate(py)  # tuples: an RNG file written before the states were stored as tensors
+    np.random.set_state(nps)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])

@@ -86,10 +86,30 @@ def tensors_only_loads():
         torch.load = original
 
 
+def _numpy_array_globals() -> list:
+    """numpy's array reconstruction (data only, no code): what RNG files written before RNG states
+    were stored as tensors contain."""
+    import numpy
+
+    found = [numpy.ndarray, numpy.dtype, type(numpy.dtype(numpy.uint32))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            found.append(__import__(module, fromlist=["_reconstruct"])._reconstruct)
+        except (ImportError, AttributeError):
+            continue
+    return found
+
+
 def load_tensors_file(path: str):
-    """`torch.load` of a file we wrote with tensors and plain values only."""
+    """`torch.load` of a file we wrote with tensors and plain values only (and, for files of earlier
+    versions, numpy arrays: allow-listed array reconstruction, still no code)."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        pass
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as error:
         raise UnsafeCheckpointError(
             f"checkpoint file {path} holds objects other than tensors and plain values and is not loaded "

@@ -112,3 +112,29 @@ def _plain_bytes() -> bytes:
     buffer = io.BytesIO()
     torch.save({"step": 3, "lr": 0.1}, buffer)
     return buffer.getvalue()
+
+
+def test_rng_files_of_earlier_versions_still_load(megatron_world1, tmp_path):
+    """Before RNG states were stored as tensors, the RNG file held numpy's state array: it loads
+    (numpy array reconstruction is allow-listed, data only) and restores the generators exactly."""
+    import random
+
+    import numpy as np
+
+    from dsv4_train.checkpoint.io import _set_rng_state
+    from dsv4_train.checkpoint.safe_load import load_tensors_file
+
+    random.seed(3)
+    np.random.seed(3)
+    legacy = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "cuda": None, "tracker": {}}
+    expected = (random.random(), float(np.random.rand()))
+    torch.save(legacy, tmp_path / "rank_0.pt")
+    random.seed(99)
+    np.random.seed(99)
+    from megatron.core import tensor_parallel
+
+    state = load_tensors_file(str(tmp_path / "rank_0.pt"))
+    state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    _set_rng_state(state)
+    assert (random.random(), float(np.random.rand())) == expected
