@@ -124,8 +124,9 @@ def execute(cfg: Config, *, yaml_text: str):
     from dsv4_train.launch import run_lock
     from dsv4_train.runtime.distributed import pick_device
 
-    for directory, key in _locked_directories(cfg):
-        run_lock.check_free(directory, what=key)  # a busy run.dir is refused before slow start-up work
+    if process.rank == 0:  # rank 0 holds the lock for the run; its sibling ranks would see it taken
+        for directory, key in _locked_directories(cfg):
+            run_lock.check_free(directory, what=key)  # a busy run.dir is refused before slow start-up work
     if pick_device(cfg.run.device).type == "cpu":
         from dsv4_train.runtime import cpu_compat
 
