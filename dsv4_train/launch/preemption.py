@@ -114,6 +114,15 @@ class PreemptionWatcher:
         self._agreed = local > 0
         return self._agreed
 
+    @staticmethod
+    def ignore_further_signals() -> None:
+        """Once the stop is saved and agreed: later stop signals are ignored, so that the exit code stays
+        EXIT_PREEMPTED. (Python restores the default action of signals it handled while it finalises;
+        a SIGTERM then, e.g. srun's --kill-on-bad-exit reacting to a sibling rank that exited 75
+        first, would turn this rank's exit into 143. An ignored signal stays ignored.)"""
+        for signum in DEFAULT_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
     def requeue_if_slurm(self) -> None:
         """Hand over after the checkpoint is saved: requeue the Slurm job once, mark the stop.
 

@@ -348,6 +348,7 @@ def run_training(cfg: Config, derived) -> int:
                     print(f"preemption requested: saving at step {step} and exiting with {EXIT_PREEMPTED}", flush=True)
                 save(state)
                 watcher.requeue_if_slurm()
+                watcher.ignore_further_signals()
                 exit_code = EXIT_PREEMPTED
                 break
         else:
@@ -373,6 +374,7 @@ def _stop_during_start_up(watcher, runtime) -> int:
         print(f"stop signal during start-up: exiting with {EXIT_PREEMPTED} before the first step (nothing to save; "
               "the same command resumes)", flush=True)
     watcher.requeue_if_slurm()
+    watcher.ignore_further_signals()
     dist_runtime.shutdown()
     return EXIT_PREEMPTED
 
