@@ -8,17 +8,10 @@ megatron-core 0.19.2)."""
 from __future__ import annotations
 
 import multiprocessing
-import sys
+
+from dsv4_train.runtime.process import die_with_parent
 
 _manager = None
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def install() -> None:
@@ -31,5 +24,5 @@ def install() -> None:
     from multiprocessing.managers import SyncManager
 
     _manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _manager.start(initializer=_die_with_parent)
+    _manager.start(initializer=die_with_parent)
     filesystem_async._results_queue = _manager.Queue()

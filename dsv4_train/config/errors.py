@@ -240,12 +240,11 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
                 "hydra/launcher=dsv4_slurm needs hydra-submitit-launcher, an optional extra: install it "
                 "with `scripts/install.sh slurm` (or `pip install hydra-submitit-launcher`)."
             )
-    sweeper = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra/sweeper=")), None)
     overrides_to_check = list(args.overrides)
     if args.multirun:
-        sweeper = sweeper or _recipe_sweeper(args.overrides)
-        if sweeper == "dsv4_optuna":
-            overrides_to_check += optuna_search_space(args.overrides)
+        sweeper = _sweeper_config(args.overrides)  # also refuses an unknown sweeper option
+        if str(sweeper.get("_target_", "")).endswith("ResumableOptunaSweeper"):
+            overrides_to_check += optuna_search_space(sweeper)
     remote_sweep = args.multirun and any(
         o.startswith("hydra/launcher=") and o.split("=", 1)[1] != "basic" for o in args.overrides
     )
@@ -259,33 +258,27 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
                 extra_check(typed)
 
 
-def _recipe_sweeper(overrides: Sequence[str]) -> Optional[str]:
-    """The sweeper the composed config selects (a recipe may choose one), without running Hydra."""
+def _sweeper_config(overrides: Sequence[str]):
+    """The `hydra.sweeper` node the command line composes to (a recipe may choose the sweeper),
+    without running Hydra; sweep values are left out."""
     from dsv4_train.config import load
 
     plain = [o for o in overrides if "," not in o and "(" not in o]
     with load.initialize_config_dir(config_dir=load.CONFIG_DIR, version_base=None, job_name="dsv4"):
-        cfg = load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True)
-    target = str(cfg.hydra.sweeper.get("_target_", ""))
-    return "dsv4_optuna" if target.endswith("ResumableOptunaSweeper") else None
+        return load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True).hydra.sweeper
 
 
-def optuna_search_space(overrides: Sequence[str]) -> List[str]:
+def optuna_search_space(sweeper) -> List[str]:
     """hydra.sweeper.params of an Optuna sweep as sweep overrides, so that preflight composes and
     validates every key at the ends of its range; refuses a missing plugin."""
     import importlib.util
-
-    from dsv4_train.config import load
 
     if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
         raise ValueError(
             "hydra/sweeper=dsv4_optuna needs hydra-optuna-sweeper, an optional extra: install it with "
             "`scripts/install.sh sweep` (or pip install 'dsv4-train[sweep]')."
         )
-    plain = [o for o in overrides if "," not in o and "(" not in o]
-    with load.initialize_config_dir(config_dir=load.CONFIG_DIR, version_base=None, job_name="dsv4"):
-        cfg = load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True)
-    params = cfg.hydra.sweeper.get("params") or {}
+    params = sweeper.get("params") or {}
     return [f"{key}={value}" for key, value in params.items()]
 
 

@@ -7,7 +7,6 @@ compatibility layer applied before Megatron-Core is imported.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -16,6 +15,7 @@ import torch
 
 from dsv4_train.launch.env import ProcessEnv, discover
 from dsv4_train.runtime import cpu_compat
+from dsv4_train.runtime.process import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,10 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def die_with_launcher() -> None:
-    """Under torchrun: ask the kernel to kill this worker when its launcher (the elastic agent, our
-    parent) dies, so a kill -9 of the agent leaves no worker training unsupervised (Linux only)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Under torchrun: the worker dies when its launcher (the elastic agent, our parent) dies, so a
+    kill -9 of the agent leaves no worker training unsupervised."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
 
 
 def init_process_group(*, device_request: str = "auto", timeout_s: int = 600) -> Runtime:

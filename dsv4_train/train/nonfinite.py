@@ -41,10 +41,9 @@ def _any_rank(flag: bool, device) -> bool:
 
 def step_is_finite(model_chunks, lm_loss: float, device) -> bool:
     """True on every rank iff the loss and every rank's gradients are finite."""
-    bad = not math.isfinite(lm_loss)
-    for buffer in _grad_buffers(model_chunks):
-        if not bad and not bool(torch.isfinite(buffer.grad_data).all()):
-            bad = True
+    # One host read for all buffers (not one per buffer), then one all-reduce of the flag.
+    finite = [torch.isfinite(buffer.grad_data).all() for buffer in _grad_buffers(model_chunks)]
+    bad = not math.isfinite(lm_loss) or (bool(finite) and not bool(torch.stack(finite).all()))
     return not _any_rank(bad, device)
 
 
