@@ -157,7 +157,9 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     for _attempt in range(5):  # a save can finish between seeing .partial and the kill: try again
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_for(lambda: any(ckpt.glob("step_*/dsv4_complete.json"))
+            # `latest` (not a marker file, which is written inside the .partial directory before
+            # its rename) shows that one save has finished
+            wait_for(lambda: (ckpt / "latest").is_file()
                      and any(p.name.endswith(".partial") for p in ckpt.glob("step_*")),
                      timeout=240, what="a save in progress after a complete one", proc=proc)
         finally:
