@@ -223,6 +223,15 @@ _HF_RENAMES = [
 ]
 
 
+def native_name(name: str) -> str:
+    """DeepSeek's native name of a tensor saved under either naming (native names pass unchanged)."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    for pattern, replacement in _HF_RENAMES:
+        name = pattern.sub(replacement, name)
+    return name
+
+
 def to_native_names(tensors: Dict[str, torch.Tensor], *, block: int = 128, report: Optional[dict] = None
                     ) -> Dict[str, torch.Tensor]:
     """Map transformers-saved names onto DeepSeek's native ones (native names pass unchanged) and
@@ -230,10 +239,7 @@ def to_native_names(tensors: Dict[str, torch.Tensor], *, block: int = 128, repor
     names dequantised per format."""
     out = {}
     for name, tensor in tensors.items():
-        if name.startswith("model."):
-            name = name[len("model."):]
-        for pattern, replacement in _HF_RENAMES:
-            name = pattern.sub(replacement, name)
+        name = native_name(name)
         if name in out:
             raise ValueError(f"checkpoint holds tensor {name!r} twice (under two naming schemes).")
         out[name] = tensor

@@ -41,30 +41,71 @@ def _scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
+def scaled_kind(name: str, weight_dtype: torch.dtype, weight_shape, scale_dtype: torch.dtype, scale_shape, *,
+                block: int) -> str:
+    """"fp8" or "fp4" for a weight that has a block scale, decided by its dtype and checked against the
+    scale's dtype and shape (metadata only, so a conversion can check every tensor before writing)."""
+    weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
+    if weight_dtype == torch.float8_e4m3fn:
+        out_dim, in_dim = weight_shape
+        expected = (-(-out_dim // block), -(-in_dim // block))
+        if scale_shape != expected:
+            raise ValueError(f"tensor {name}: FP8 weight {list(weight_shape)} with block {block} needs a scale of shape "
+                             f"{list(expected)}, the checkpoint has {list(scale_shape)}.")
+        return "fp8"
+    if weight_dtype in (torch.int8, torch.uint8):
+        out_dim, half = weight_shape
+        in_dim = 2 * half
+        expected = (out_dim, in_dim // FP4_GROUP)
+        if in_dim % FP4_GROUP or scale_shape != expected:
+            raise ValueError(f"tensor {name}: packed FP4 weight {list(weight_shape)} (logical [{out_dim}, {in_dim}]) "
+                             f"needs an E8M0 scale of shape {list(expected)}, the checkpoint has {list(scale_shape)}.")
+        if scale_dtype not in (getattr(torch, "float8_e8m0fnu", None), torch.uint8):
+            raise ValueError(f"tensor {name}: FP4 block scales must be E8M0, the checkpoint has {scale_dtype}.")
+        return "fp4"
+    raise ValueError(f"tensor {name} has a block scale but dtype {weight_dtype}; the release format "
+                     "has FP8 (float8_e4m3fn) weights and packed FP4 (int8) experts only.")
+
+
+def logical_shape(kind: str, weight_shape) -> tuple:
+    """The dequantised shape of a stored weight (packed FP4 holds two values per byte)."""
+    return (weight_shape[0], 2 * weight_shape[1]) if kind == "fp4" else tuple(weight_shape)
+
+
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, *, block: int, name: str) -> torch.Tensor:
+    scaled_kind(name, weight.dtype, weight.shape, scale.dtype, scale.shape, block=block)
     out_dim, in_dim = weight.shape
-    expected = (-(-out_dim // block), -(-in_dim // block))
-    if tuple(scale.shape) != expected:
-        raise ValueError(f"tensor {name}: FP8 weight {list(weight.shape)} with block {block} needs a scale of shape "
-                         f"{list(expected)}, the checkpoint has {list(scale.shape)}.")
     factors = _scale_values(scale)
     factors = factors.repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
     return weight.to(torch.float32) * factors
 
 
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, *, name: str) -> torch.Tensor:
+    scaled_kind(name, packed.dtype, packed.shape, scale.dtype, scale.shape, block=0)
     out_dim, half = packed.shape
     in_dim = 2 * half
-    expected = (out_dim, in_dim // FP4_GROUP)
-    if in_dim % FP4_GROUP or tuple(scale.shape) != expected:
-        raise ValueError(f"tensor {name}: packed FP4 weight {list(packed.shape)} (logical [{out_dim}, {in_dim}]) "
-                         f"needs an E8M0 scale of shape {list(expected)}, the checkpoint has {list(scale.shape)}.")
-    if scale.dtype not in (getattr(torch, "float8_e8m0fnu", None), torch.uint8):
-        raise ValueError(f"tensor {name}: FP4 block scales must be E8M0, the checkpoint has {scale.dtype}.")
     codes = packed.view(torch.uint8).to(torch.int64)
     low, high = codes & 0x0F, (codes >> 4) & 0x0F
     values = E2M1_VALUES[torch.stack((low, high), dim=-1).reshape(out_dim, in_dim)]
     return values * decode_e8m0(scale).repeat_interleave(FP4_GROUP, 1)
+
+
+def dequantize_one(weight: torch.Tensor, scale: torch.Tensor, *, block: int, name: str) -> torch.Tensor:
+    """One stored weight and its scale -> float32 (the rule picked by the weight's dtype)."""
+    kind = scaled_kind(name, weight.dtype, weight.shape, scale.dtype, scale.shape, block=block)
+    if kind == "fp8":
+        return dequantize_fp8(weight, scale, block=block, name=name)
+    return dequantize_fp4(weight, scale, name=name)
+
+
+def scale_pairs(names) -> Dict[str, str]:
+    """{scale tensor name: its weight's name} for every block-scale tensor among `names`."""
+    return {n: n[: -len(s)] + ".weight" for n in names for s in SCALE_SUFFIXES if n.endswith(s)}
+
+
+def is_quantized_dtype(name: str, dtype: torch.dtype) -> bool:
+    """A stored dtype that needs a scale (hash tables are int64 data, never quantised)."""
+    return dtype == torch.float8_e4m3fn or (dtype in (torch.int8, torch.uint8) and not name.endswith("tid2eid"))
 
 
 def dequantize(tensors: Dict[str, torch.Tensor], *, block: int) -> tuple:
@@ -74,23 +115,13 @@ def dequantize(tensors: Dict[str, torch.Tensor], *, block: int) -> tuple:
     scale of the wrong shape."""
     out = dict(tensors)
     report: Dict[str, List[str]] = {"fp8": [], "fp4": []}
-    scales = {n: n[: -len(s)] for n in tensors for s in SCALE_SUFFIXES if n.endswith(s)}
-    for scale_name, module in scales.items():
-        weight_name = module + ".weight"
+    for scale_name, weight_name in scale_pairs(tensors).items():
         if weight_name not in tensors:
             raise ValueError(f"tensor {scale_name}: a block scale without its weight {weight_name}.")
         weight, scale = tensors[weight_name], out.pop(scale_name)
-        if weight.dtype == torch.float8_e4m3fn:
-            out[weight_name] = dequantize_fp8(weight, scale, block=block, name=weight_name)
-            report["fp8"].append(weight_name)
-        elif weight.dtype in (torch.int8, torch.uint8):
-            out[weight_name] = dequantize_fp4(weight, scale, name=weight_name)
-            report["fp4"].append(weight_name)
-        else:
-            raise ValueError(f"tensor {weight_name} has a block scale but dtype {weight.dtype}; the release format "
-                             "has FP8 (float8_e4m3fn) weights and packed FP4 (int8) experts only.")
-    unscaled = sorted(n for n, t in out.items() if t.dtype in (torch.float8_e4m3fn,) or
-                      (t.dtype in (torch.int8, torch.uint8) and not n.endswith("tid2eid")))
+        out[weight_name] = dequantize_one(weight, scale, block=block, name=weight_name)
+        report["fp8" if weight.dtype == torch.float8_e4m3fn else "fp4"].append(weight_name)
+    unscaled = sorted(n for n, t in out.items() if is_quantized_dtype(n, t.dtype))
     if unscaled:
         raise ValueError(f"tensor {unscaled[0]} is quantised ({out[unscaled[0]].dtype}) but has no .scale tensor; "
                          "the checkpoint is incomplete.")

@@ -230,8 +230,11 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     legacy = optimizer is not None and _saved_optimizer_layout(path) != OPTIMIZER_LAYOUT
     sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, TrainState(), is_loading=True,
                                   legacy_optimizer_format=legacy)
+    fresh = initialised_on_load(path)
     if model_only:
         sharded = {key: value for key, value in sharded.items() if key.startswith("model")}
+        for key in sharded:  # parts a converted checkpoint leaves out (e.g. MTP absent from the source)
+            sharded[key] = {k: v for k, v in sharded[key].items() if not k.startswith(fresh)}
     # Where each loaded optimizer tensor goes back (not part of the request: its leaves are in "tensors").
     templates = request_tensors = None
     if optimizer is not None and not legacy:
@@ -241,7 +244,11 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
         loaded = dist_checkpointing.load(sharded, path)
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=not fresh)
+        unexpected_missing = [k for k in getattr(result, "missing_keys", []) if not k.startswith(fresh)]
+        if unexpected_missing or getattr(result, "unexpected_keys", []):
+            raise ValueError(f"checkpoint {path}: tensors missing {unexpected_missing[:3]} / unexpected "
+                             f"{result.unexpected_keys[:3]} for this model.")
     if model_only:
         return TrainState()
     if optimizer is not None and legacy:
@@ -305,6 +312,15 @@ def _model_config(model_chunks) -> Optional[dict]:
     while not hasattr(chunk, "model_cfg") and hasattr(chunk, "module"):
         chunk = chunk.module
     return asdict(chunk.model_cfg) if hasattr(chunk, "model_cfg") else None
+
+
+def initialised_on_load(path: str) -> tuple:
+    """Name prefixes a converted checkpoint does not hold (the model keeps their fresh initialisation)."""
+    try:
+        with open(os.path.join(path, COMPLETE_MARKER)) as f:
+            return tuple(json.load(f).get("initialise_on_load") or ())
+    except (OSError, ValueError):
+        return ()
 
 
 def weights_only(path: str) -> bool:

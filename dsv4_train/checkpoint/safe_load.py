@@ -25,6 +25,7 @@ _DCP = "torch.distributed.checkpoint"
 _ALLOWED_GLOBALS = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # name -> torch.layout lookup
+    ("pathlib", "PosixPath"),  # the checkpoint id torch's own FileSystemWriter records (convert import)
     (f"{_DCP}.filesystem", "_StorageInfo"),
     *((f"{_DCP}.metadata", name) for name in (
         "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
