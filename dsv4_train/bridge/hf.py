@@ -195,6 +195,60 @@ def model_config_from_hf(raw: dict) -> ModelConfig:
     )
 
 
+_RATIO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+
+
+def hf_config_from_model(model_cfg: ModelConfig) -> dict:
+    """transformers' `DeepseekV4Config` dict for our ModelConfig (the inverse of model_config_from_hf;
+    `compress_ratios`, the release's key, is written too since it also covers the MTP layers)."""
+    m = model_cfg
+    main = m.compress_ratios[:m.num_layers]
+    hca = sorted({r for r in m.compress_ratios if r not in _RATIO_LAYER_TYPE})
+    if len(hca) > 1:
+        raise ValueError(f"model.compress_ratios has several HCA ratios {hca}; transformers' config holds one.")
+    partial = m.qk_rope_head_dim / m.head_dim
+    compress = {"rope_theta": m.compress_rope_theta, "rope_type": "default", "partial_rotary_factor": partial}
+    if m.yarn.factor != 1.0 or m.yarn.original_max_position_embeddings:
+        compress.update(rope_type="yarn", factor=m.yarn.factor, attention_factor=1.0,
+                        original_max_position_embeddings=m.yarn.original_max_position_embeddings,
+                        beta_fast=m.yarn.beta_fast, beta_slow=m.yarn.beta_slow)
+    return {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+        "vocab_size": m.vocab_size, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": 1, "head_dim": m.head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim, "partial_rotary_factor": partial, "q_lora_rank": m.q_lora_rank,
+        "o_groups": m.o_groups, "o_lora_rank": m.o_lora_rank, "sliding_window": m.sliding_window,
+        "layer_types": [_RATIO_LAYER_TYPE.get(r, "heavily_compressed_attention") for r in main],
+        "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128},
+        "compress_ratios": list(m.compress_ratios),
+        "rope_theta": m.rope_theta, "compress_rope_theta": m.compress_rope_theta,
+        "rope_parameters": {"main": {"rope_theta": m.rope_theta, "rope_type": "default", "partial_rotary_factor": partial},
+                            "compress": compress},
+        "max_position_embeddings": m.max_position_embeddings,
+        "index_n_heads": m.index_n_heads, "index_head_dim": m.index_head_dim, "index_topk": m.index_topk,
+        "hc_mult": m.hc_mult, "hc_sinkhorn_iters": m.hc_sinkhorn_iters, "hc_eps": m.hc_eps,
+        "mlp_layer_types": ["hash_moe" if i < m.num_hash_layers else "moe" for i in range(m.num_layers)],
+        "n_routed_experts": m.num_routed_experts, "n_shared_experts": m.num_shared_experts,
+        "num_experts_per_tok": m.num_experts_per_tok, "moe_intermediate_size": m.moe_intermediate_size,
+        "routed_scaling_factor": m.routed_scaling_factor, "scoring_func": m.score_function,
+        "norm_topk_prob": m.norm_topk_prob, "swiglu_limit": m.swiglu_limit, "hidden_act": "silu",
+        "num_nextn_predict_layers": m.mtp_num_layers, "rms_norm_eps": m.rms_norm_eps,
+        "initializer_range": m.init_std, "tie_word_embeddings": m.tie_word_embeddings,
+        "attention_bias": False, "mlp_bias": False,
+    }
+
+
+def hf_name(native: str) -> str:
+    """transformers' `save_pretrained` name of a native tensor name (the inverse of native_name)."""
+    special = {"embed.weight": "model.embed_tokens.weight", "head.weight": "head.weight"}
+    if native in special:
+        return special[native]
+    match = re.match(r"^hc_head_(fn|base|scale)$", native)
+    if match:
+        return f"model.hc_head.hc_{match[1]}"
+    return "model." + re.sub(r"^((?:layers|mtp)\.\d+\.attn)\.kv_norm\.weight$", r"\1.norm.weight", native)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tensors
 # ----------------------------------------------------------------------------------------------

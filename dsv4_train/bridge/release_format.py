@@ -126,3 +126,81 @@ def dequantize(tensors: Dict[str, torch.Tensor], *, block: int) -> tuple:
         raise ValueError(f"tensor {unscaled[0]} is quantised ({out[unscaled[0]].dtype}) but has no .scale tensor; "
                          "the checkpoint is incomplete.")
     return out, report
+
+
+# --- the inverse: re-quantisation for export ----------------------------------------------------
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+AMAX_FLOOR = 1e-4  # the release kernels' floor for an all-zero block
+
+
+def _power_of_two_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """Exponent e of the scale 2^e = 2^ceil(log2(amax / top)) (the release's `ue8m0` rounding)."""
+    return torch.ceil(torch.log2(amax.clamp(min=AMAX_FLOOR) / top)).to(torch.int32)
+
+
+def _keep_original_scale(exponents: torch.Tensor, amax: torch.Tensor, top: float, exact_at_double) -> torch.Tensor:
+    """A block whose largest value sits exactly on `top` x 2^e was, if its values are also exact at
+    2^(e+1), quantised from larger originals that rounded down onto half the range: the release's
+    quantiser then chose 2^(e+1). Picking it again makes re-export of unchanged weights byte-exact;
+    for any other block this is the plain rule."""
+    on_top = amax.clamp(min=AMAX_FLOOR) == top * torch.exp2(exponents.to(torch.float32))
+    return torch.where(on_top & exact_at_double, exponents + 1, exponents)
+
+
+def encode_e8m0(exponents: torch.Tensor) -> torch.Tensor:
+    return (exponents + 127).clamp(0, 254).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def quantize_fp8(weight: torch.Tensor, *, block: int, scale_format: str = "ue8m0") -> tuple:
+    """W [out, in] -> (float8_e4m3fn Q, scale [ceil(out/B), ceil(in/B)] as E8M0 or float32), the
+    inverse of `dequantize_fp8` with power-of-two scales."""
+    out_dim, in_dim = weight.shape
+    rows, cols = -(-out_dim // block), -(-in_dim // block)
+    padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
+    padded[:out_dim, :in_dim] = weight.float()
+    tiles = padded.reshape(rows, block, cols, block).permute(0, 2, 1, 3)  # [rows, cols, B, B]
+    amax = tiles.abs().amax(dim=(-1, -2))
+    exponents = _power_of_two_scale(amax, FP8_MAX)
+
+    def exact_at(exps):
+        scaled = tiles / torch.exp2(exps.to(torch.float32))[..., None, None]
+        return (scaled.to(torch.float8_e4m3fn).float() == scaled).all(dim=-1).all(dim=-1)
+
+    exponents = _keep_original_scale(exponents, amax, FP8_MAX, exact_at(exponents + 1))
+    factors = torch.exp2(exponents.to(torch.float32))
+    expanded = factors.repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
+    quantized = (weight.float() / expanded).to(torch.float8_e4m3fn)
+    if scale_format == "ue8m0":
+        return quantized, encode_e8m0(exponents)
+    if scale_format == "f32":
+        return quantized, factors
+    raise ValueError(f"FP8 scale format {scale_format!r}: use 'ue8m0' or 'f32'.")
+
+
+def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 code (ties to the even code, as a hardware round-to-nearest-even does)."""
+    grid = E2M1_VALUES[:8]
+    distance = (scaled.abs().unsqueeze(-1) - grid).abs()
+    code = torch.argmin(distance + 1e-6 * (torch.arange(8) % 2), dim=-1)
+    return code + 8 * ((scaled < 0) & (code > 0))
+
+
+def quantize_fp4(weight: torch.Tensor) -> tuple:
+    """W [out, in] -> (packed int8 [out, in/2], E8M0 scale [out, in/32]): the inverse of `dequantize_fp4`."""
+    out_dim, in_dim = weight.shape
+    if in_dim % FP4_GROUP:
+        raise ValueError(f"MXFP4 needs an input dimension divisible by {FP4_GROUP}, the weight is {list(weight.shape)}.")
+    groups = weight.float().reshape(out_dim, in_dim // FP4_GROUP, FP4_GROUP)
+    amax = groups.abs().amax(-1)
+    exponents = _power_of_two_scale(amax, FP4_MAX)
+
+    def exact_at(exps):
+        scaled = groups / torch.exp2(exps.to(torch.float32)).unsqueeze(-1)
+        return (E2M1_VALUES[_e2m1_codes(scaled)] == scaled).all(dim=-1)
+
+    exponents = _keep_original_scale(exponents, amax, FP4_MAX, exact_at(exponents + 1))
+    code = _e2m1_codes(groups / torch.exp2(exponents.to(torch.float32)).unsqueeze(-1))
+    code = code.reshape(out_dim, in_dim).to(torch.uint8)
+    packed = (code[:, 0::2] | (code[:, 1::2] << 4)).view(torch.int8)
+    return packed, encode_e8m0(exponents)
