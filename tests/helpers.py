@@ -29,13 +29,14 @@ def cli_env(extra: Optional[dict] = None) -> dict:
     return env
 
 
-def run_cli(args: Sequence[str], *, nproc: int = 1, timeout: int = 600, env: Optional[dict] = None, cwd=None):
+def run_cli(args: Sequence[str], *, nproc: int = 1, timeout: int = 600, env: Optional[dict] = None, cwd=None,
+            module: str = "dsv4_train"):
     if nproc == 1:
-        cmd: List[str] = [sys.executable, "-m", "dsv4_train", *args]
+        cmd: List[str] = [sys.executable, "-m", module, *args]
     else:
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_port=0" if False else f"--master_port={_free_port()}", "-m", "dsv4_train", *args,
+            f"--master_port={_free_port()}", "-m", module, *args,
         ]
     return subprocess.run(cmd, cwd=cwd or REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
 

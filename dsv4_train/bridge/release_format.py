@@ -139,22 +139,32 @@ def _power_of_two_scale(amax: torch.Tensor, top: float) -> torch.Tensor:
     return torch.ceil(torch.log2(amax.clamp(min=AMAX_FLOOR) / top)).to(torch.int32)
 
 
-def _keep_original_scale(exponents: torch.Tensor, amax: torch.Tensor, top: float, exact_at_double) -> torch.Tensor:
-    """A block whose largest value sits exactly on `top` x 2^e was, if its values are also exact at
-    2^(e+1), quantised from larger originals that rounded down onto half the range: the release's
-    quantiser then chose 2^(e+1). Picking it again makes re-export of unchanged weights byte-exact;
-    for any other block this is the plain rule."""
-    on_top = amax.clamp(min=AMAX_FLOOR) == top * torch.exp2(exponents.to(torch.float32))
-    return torch.where(on_top & exact_at_double, exponents + 1, exponents)
+def _prefer_reference(exponents: torch.Tensor, reference, amax: torch.Tensor, top: float, exact_at) -> torch.Tensor:
+    """Where a reference scale (the source checkpoint's, same block) still encodes the block exactly
+    and in range, keep it. Dequantised values alone cannot tell 2^e with a largest code of 448 (FP4: 6)
+    from 2^(e+1) with 224 (FP4: 3, originals that rounded down), so byte-exact re-export of unchanged
+    weights needs the source's scales; changed blocks get the plain rule."""
+    if reference is None:
+        return exponents
+    reference = reference.to(torch.int32)
+    fits = amax <= top * torch.exp2(reference.to(torch.float32))
+    return torch.where(fits & exact_at(reference), reference, exponents)
+
+
+def scale_exponents(scale: torch.Tensor) -> torch.Tensor:
+    """Exponents of a stored power-of-two scale (E8M0 bytes or float32), for `reference=`."""
+    if scale.dtype in (getattr(torch, "float8_e8m0fnu", None), torch.uint8):
+        return scale.view(torch.uint8).to(torch.int32) - 127
+    return torch.round(torch.log2(scale.float())).to(torch.int32)
 
 
 def encode_e8m0(exponents: torch.Tensor) -> torch.Tensor:
     return (exponents + 127).clamp(0, 254).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
-def quantize_fp8(weight: torch.Tensor, *, block: int, scale_format: str = "ue8m0") -> tuple:
+def quantize_fp8(weight: torch.Tensor, *, block: int, scale_format: str = "ue8m0", reference=None) -> tuple:
     """W [out, in] -> (float8_e4m3fn Q, scale [ceil(out/B), ceil(in/B)] as E8M0 or float32), the
-    inverse of `dequantize_fp8` with power-of-two scales."""
+    inverse of `dequantize_fp8` with power-of-two scales; `reference`: exponents to keep where exact."""
     out_dim, in_dim = weight.shape
     rows, cols = -(-out_dim // block), -(-in_dim // block)
     padded = torch.zeros(rows * block, cols * block, dtype=torch.float32)
@@ -167,7 +177,7 @@ def quantize_fp8(weight: torch.Tensor, *, block: int, scale_format: str = "ue8m0
         scaled = tiles / torch.exp2(exps.to(torch.float32))[..., None, None]
         return (scaled.to(torch.float8_e4m3fn).float() == scaled).all(dim=-1).all(dim=-1)
 
-    exponents = _keep_original_scale(exponents, amax, FP8_MAX, exact_at(exponents + 1))
+    exponents = _prefer_reference(exponents, reference, amax, FP8_MAX, exact_at)
     factors = torch.exp2(exponents.to(torch.float32))
     expanded = factors.repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
     quantized = (weight.float() / expanded).to(torch.float8_e4m3fn)
@@ -186,8 +196,9 @@ def _e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
     return code + 8 * ((scaled < 0) & (code > 0))
 
 
-def quantize_fp4(weight: torch.Tensor) -> tuple:
-    """W [out, in] -> (packed int8 [out, in/2], E8M0 scale [out, in/32]): the inverse of `dequantize_fp4`."""
+def quantize_fp4(weight: torch.Tensor, *, reference=None) -> tuple:
+    """W [out, in] -> (packed int8 [out, in/2], E8M0 scale [out, in/32]): the inverse of `dequantize_fp4`;
+    `reference`: exponents to keep where exact."""
     out_dim, in_dim = weight.shape
     if in_dim % FP4_GROUP:
         raise ValueError(f"MXFP4 needs an input dimension divisible by {FP4_GROUP}, the weight is {list(weight.shape)}.")
@@ -199,7 +210,7 @@ def quantize_fp4(weight: torch.Tensor) -> tuple:
         scaled = groups / torch.exp2(exps.to(torch.float32)).unsqueeze(-1)
         return (E2M1_VALUES[_e2m1_codes(scaled)] == scaled).all(dim=-1)
 
-    exponents = _keep_original_scale(exponents, amax, FP4_MAX, exact_at(exponents + 1))
+    exponents = _prefer_reference(exponents, reference, amax, FP4_MAX, exact_at)
     code = _e2m1_codes(groups / torch.exp2(exponents.to(torch.float32)).unsqueeze(-1))
     code = code.reshape(out_dim, in_dim).to(torch.uint8)
     packed = (code[:, 0::2] | (code[:, 1::2] << 4)).view(torch.int8)

@@ -116,8 +116,9 @@ def restore_or_save_initial(cfg: Config, ckpt_root: str, load_path, model_only: 
         if is_main:
             what = "loaded model weights from" if model_only else "resumed from"
             print(f"{what} {load_path} at step {start.step}", flush=True)
-    elif cfg.checkpoint.save_initial:
-        # Weights only: a fresh optimizer has no state to save yet.
+    if cfg.checkpoint.save_initial and (load_path is None or model_only):
+        # The starting weights (fresh, or loaded model-only, e.g. to re-save a converted checkpoint in
+        # this layout); weights only: a fresh optimizer has no state to save yet.
         save_checkpoint(ckpt_root, model_chunks=model_chunks, optimizer=None, scheduler=None,
                         state=start, keep_last=0)
     return start

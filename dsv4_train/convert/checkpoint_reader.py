@@ -103,7 +103,8 @@ class CheckpointTensors:
             # global tensor, read without the other experts.
             prepend = (1,) * leaf.prepend_axis_num
             region = dataclasses.replace(leaf, data=part.view(prepend + tuple(leaf.local_shape)),
-                                         local_shape=prepend + tuple(leaf.local_shape), prepend_axis_num=0)
+                                         dtype=part.dtype, local_shape=prepend + tuple(leaf.local_shape),
+                                         prepend_axis_num=0)
             request = mcore_to_pyt_state_dict({leaf.key: [region]}, is_loading=True)
             with tensors_only_loads():
                 dcp.load(request, storage_reader=self.reader, no_dist=True)

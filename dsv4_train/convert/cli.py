@@ -2,7 +2,7 @@
 
   python -m dsv4_train.convert import SRC OUT [parallel.tp=2 ...] [--dtype bf16|fp32]
   python -m dsv4_train.convert export CKPT OUT --format hf|official [--dtype bf16|fp32|fp8]
-         [--experts fp4|fp8] [--block 128] [--scale-format ue8m0|f32]
+         [--experts fp4|fp8] [--block 128] [--scale-format ue8m0|f32] [--like SRC]
   python -m dsv4_train.convert verify SRC CKPT
 
 Bad input exits 2 with one message naming the file or tensor; nothing is left at OUT.
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--block", type=int, default=128, help="FP8 block size")
     exp.add_argument("--scale-format", default="ue8m0", choices=["ue8m0", "f32"])
     exp.add_argument("--max-shard-gb", type=float, default=4.0)
+    exp.add_argument("--like", default=None, metavar="SRC",
+                     help="keep this release checkpoint's block scales where they still encode a weight exactly")
     ver = sub.add_parser("verify", help="compare every tensor of CKPT with SRC")
     ver.add_argument("src")
     ver.add_argument("ckpt")
@@ -50,7 +52,14 @@ def _rank() -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # key=value overrides may follow the options
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and args.command != "import"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if args.command == "import":
+        args.overrides = list(args.overrides) + overrides
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|absl|deprecated).*")
     try:
         if args.command == "import":
@@ -68,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             report = export_checkpoint(args.ckpt, args.out, fmt=args.format, dtype=args.dtype, experts=args.experts,
                                        block=args.block, scale_format=args.scale_format,
-                                       max_shard_bytes=int(args.max_shard_gb * 2**30),
+                                       max_shard_bytes=int(args.max_shard_gb * 2**30), like=args.like,
                                        progress_every=args.progress_every)
             if _rank() == 0:
                 print(f"exported {args.ckpt} -> {args.out} ({args.format}, {args.dtype}): {report['tensors']} tensors in "

@@ -4,7 +4,9 @@
   `DeepseekV4ForCausalLM.from_pretrained`); no MTP, which transformers does not implement.
 * `--format official`: the release's names, MTP included; `--dtype fp8` re-quantises the release's
   FP8 linears (128x128 blocks, E8M0 or F32 scales) and `--experts fp4|fp8` the routed experts
-  (bridge/release_format.py: weights unchanged since import come back byte for byte).
+  (bridge/release_format.py). `--like SRC` keeps SRC's block scales wherever they still encode the
+  weights exactly, so weights unchanged since import come back byte for byte (the dequantised values
+  alone leave the scale of some blocks ambiguous: see `_prefer_reference`).
 Floating tensors otherwise go out in `--dtype` (bf16 or fp32), except those the release keeps in
 fp32 (mHC, sinks, compressor position biases, expert bias), which stay fp32 as saved.
 
@@ -24,10 +26,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from dsv4_train.bridge.hf import hf_config_from_model, hf_name, native_sources
-from dsv4_train.bridge.release_format import quantize_fp4, quantize_fp8
+from dsv4_train.bridge.release_format import quantize_fp4, quantize_fp8, scale_exponents
 from dsv4_train.convert.checkpoint_reader import CheckpointTensors
 from dsv4_train.convert.importer import ConvertError, Progress
 from dsv4_train.convert.safetensors_io import plan_shards, write_index, write_shard
+from dsv4_train.convert.source import SourceCheckpoint
 
 FP8_LINEARS = re.compile(r"(^|\.)(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
                          r"e_proj|h_proj)\.weight$")
@@ -40,6 +43,7 @@ class Output:
     """One tensor of the export: which part of which model tensor, and how it is encoded."""
 
     name: str
+    native: str  # DeepSeek's name of the piece
     source: str  # our model tensor
     part: int  # which of its native pieces (row blocks), e.g. w1 / w3 of linear_fc1
     parts: int
@@ -80,30 +84,31 @@ def plan_outputs(reader: CheckpointTensors, *, fmt: str, dtype: str, experts: Op
             if encoding == "fp8":
                 scale_shape = (-(-piece[0] // block), -(-piece[1] // block))
                 scale_dtype = torch.float8_e8m0fnu if scale_format == "ue8m0" else torch.float32
-                outputs.append(Output(out_name, name, part, len(natives), "fp8", "weight", torch.float8_e4m3fn, piece))
-                outputs.append(Output(out_name[:-len("weight")] + "scale", name, part, len(natives), "fp8", "scale",
+                outputs.append(Output(out_name, native, name, part, len(natives), "fp8", "weight", torch.float8_e4m3fn, piece))
+                outputs.append(Output(out_name[:-len("weight")] + "scale", native, name, part, len(natives), "fp8", "scale",
                                       scale_dtype, scale_shape))
             elif encoding == "fp4":
-                outputs.append(Output(out_name, name, part, len(natives), "fp4", "weight", torch.int8,
+                outputs.append(Output(out_name, native, name, part, len(natives), "fp4", "weight", torch.int8,
                                       (piece[0], piece[1] // 2)))
-                outputs.append(Output(out_name[:-len("weight")] + "scale", name, part, len(natives), "fp4", "scale",
+                outputs.append(Output(out_name[:-len("weight")] + "scale", native, name, part, len(natives), "fp4", "scale",
                                       torch.float8_e8m0fnu, (piece[0], piece[1] // 32)))
             else:
                 if not stored.is_floating_point:
-                    keep = stored  # hash tables
+                    keep = torch.int64  # hash tables: the release stores I64
                 elif name in release_fp32:
                     keep = torch.float32
                 else:
                     keep = plain_dtype
-                outputs.append(Output(out_name, name, part, len(natives), "plain", "weight", keep, piece))
+                outputs.append(Output(out_name, native, name, part, len(natives), "plain", "weight", keep, piece))
     return outputs
 
 
 class _Producer:
     """Produces output tensors in order, keeping only the current model tensor and its encodings."""
 
-    def __init__(self, reader: CheckpointTensors, outputs: List[Output], *, block: int, scale_format: str):
-        self.reader, self.block, self.scale_format = reader, block, scale_format
+    def __init__(self, reader: CheckpointTensors, outputs: List[Output], *, block: int, scale_format: str,
+                 like: Optional[SourceCheckpoint] = None):
+        self.reader, self.block, self.scale_format, self.like = reader, block, scale_format, like
         self.by_name: Dict[str, Output] = {o.name: o for o in outputs}
         self.current: Optional[str] = None
         self.pieces: List[torch.Tensor] = []
@@ -122,19 +127,30 @@ class _Producer:
         else:
             key = (output.part, output.encoding)
             if key not in self.encoded:
+                reference = self._reference(output)
                 if output.encoding == "fp8":
-                    self.encoded[key] = quantize_fp8(piece, block=self.block, scale_format=self.scale_format)
+                    self.encoded[key] = quantize_fp8(piece, block=self.block, scale_format=self.scale_format,
+                                                     reference=reference)
                 else:
-                    self.encoded[key] = quantize_fp4(piece)
+                    self.encoded[key] = quantize_fp4(piece, reference=reference)
             result = self.encoded[key][0 if output.role == "weight" else 1]
         self.done_tensors += 1
         self.done_bytes += result.numel() * result.element_size()
         return result.contiguous()
 
+    def _reference(self, output: Output):
+        """The `--like` checkpoint's scale exponents for this weight, if it has the same format and block."""
+        if self.like is None or self.like.kinds.get(output.native) != output.encoding:
+            return None
+        _, scale = self.like.load_stored(output.native)
+        scale_shape = tuple(self.by_name[output.name[:-len("weight")] + "scale"].shape) \
+            if output.role == "weight" else tuple(output.shape)
+        return scale_exponents(scale) if tuple(scale.shape) == scale_shape else None
+
 
 def export_checkpoint(ckpt: str, out: str, *, fmt: str = "hf", dtype: str = "bf16", experts: Optional[str] = None,
                       block: int = 128, scale_format: str = "ue8m0", max_shard_bytes: int = 4 << 30,
-                      progress_every: float = 5.0) -> dict:
+                      like: Optional[str] = None, progress_every: float = 5.0) -> dict:
     """Collective: export the checkpoint `ckpt` into the directory `out`."""
     from dsv4_train.runtime.distributed import init_model_parallel, init_process_group
 
@@ -164,7 +180,8 @@ def export_checkpoint(ckpt: str, out: str, *, fmt: str = "hf", dtype: str = "bf1
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     torch.distributed.barrier()
-    producer = _Producer(reader, outputs, block=block, scale_format=scale_format)
+    producer = _Producer(reader, outputs, block=block, scale_format=scale_format,
+                         like=SourceCheckpoint(like) if like else None)
     progress = Progress("convert export", enabled=rank == 0 and progress_every > 0, every=progress_every)
     mine = [i for i in range(len(shards)) if i % world == rank]
     progress.start(sum(dtype_.itemsize * _numel(shape) for i in mine for _, dtype_, shape in shards[i]))
