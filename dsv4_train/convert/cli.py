@@ -71,7 +71,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"imported {args.src} -> {args.out}: {report['mapped']} model tensors, dequantised "
                       f"{len(report['dequantized']['fp8'])} FP8 and {len(report['dequantized']['fp4'])} FP4 weights; "
                       f"MTP {'left to initialise on load (not in the source)' if report['mtp_initialised_on_load'] else 'imported'}; "
-                      f"{report['rank_bytes'] / 2**30:.3f} GiB written by rank 0 in {report['seconds']:.1f} s")
+                      f"{report['rank_bytes'] / 2**30:.3f} GiB written by rank 0 in {report['seconds']:.1f} s; "
+                      f"peak RSS per rank {[round(r / 2**20) for r in report['peak_rss']]} MiB (rank 0 held "
+                      f"{report['rss_before'] / 2**20:.0f} MiB before converting; largest tensor "
+                      f"{report['largest_tensor_bytes'] / 2**20:.0f} MiB)")
         elif args.command == "export":
             from dsv4_train.convert.exporter import export_checkpoint
 

@@ -9,6 +9,7 @@ header is computed up front. That keeps a conversion's memory at a few tensors, 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -105,15 +106,17 @@ def read_directory(directory: str) -> Dict[str, TensorInfo]:
 
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor (its own buffer, nothing else of the file kept)."""
-    buffer = bytearray(info.nbytes)
+    """Read one tensor into storage of its own (torch-allocated, so it can be released early)."""
+    tensor = torch.empty(info.shape, dtype=info.dtype)
+    if not info.nbytes:
+        return tensor
     with open(info.file, "rb") as handle:
         handle.seek(info.begin)
-        if handle.readinto(buffer) != info.nbytes:
+        # Into the tensor's own memory (a numpy view would pin the storage: it could not be released early).
+        target = (ctypes.c_char * info.nbytes).from_address(tensor.data_ptr())
+        if handle.readinto(memoryview(target).cast("B")) != info.nbytes:
             raise ValueError(f"{info.file}: short read (file truncated?).")
-    if not info.nbytes:
-        return torch.empty(info.shape, dtype=info.dtype)
-    return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
+    return tensor
 
 
 def _header_bytes(entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]]) -> Tuple[bytes, List[int]]:
