@@ -157,6 +157,46 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
+def test_mtp_loss_equals_a_direct_computation_from_the_release_tensors(release, imported):
+    """The MTP depth's loss from the imported model equals the formula written here from the release's
+    own tensors by their official names (e_proj on the embedding of token t+1, h_proj on the main
+    streams, hc_head, norm, the shared head), around our block module: a swapped or misnamed MTP
+    tensor shows up. fp32; 1e-6 relative: the same maths in another order of float sums."""
+    model = _model_from_checkpoint(imported)
+    cfg = model.model_cfg
+    t = {n: v.float() for n, v in release["mtp"].items()}
+    embed = release["tensors"]["embed.weight"].float()
+    head = release["tensors"]["head.weight"].float()
+    ids = input_ids(CASE)
+    captured = {}
+    model.hc_head.register_forward_pre_hook(lambda module, args: captured.setdefault("streams", args[0]))
+    with torch.no_grad():
+        model(ids)
+        streams = captured["streams"]  # [s, b, n, d]: the main model's last streams
+        hidden, _, _ = model.mtp[0](streams=streams, input_ids=ids, embedding=model.embedding)
+        ours = model.output_layer(hidden)[0].transpose(0, 1)  # [b, s, V]
+
+        def rms(x, weight):
+            return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + cfg.rms_norm_eps) * weight
+
+        shifted = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)  # token t+1 (pad 0 at the end)
+        e_part = rms(embed[shifted.t()], t["mtp.0.enorm.weight"]) @ t["mtp.0.e_proj.weight"].t()  # [s, b, d]
+        h_part = rms(streams, t["mtp.0.hnorm.weight"]) @ t["mtp.0.h_proj.weight"].t()  # [s, b, n, d]
+        x = model.mtp[0].block(e_part.unsqueeze(-2) + h_part, token_ids=shifted.t(), position_ids=None, cp=None,
+                               documents=None)
+        flat = x.flatten(-2)
+        mix = flat @ t["mtp.0.hc_head_fn"].t() * torch.rsqrt(flat.square().mean(-1, keepdim=True) + cfg.hc_eps)
+        weights = torch.sigmoid(mix * t["mtp.0.hc_head_scale"] + t["mtp.0.hc_head_base"]) + cfg.hc_eps
+        direct = (rms((weights.unsqueeze(-1) * x).sum(-2), t["mtp.0.norm.weight"]) @ head.t()).transpose(0, 1)
+    targets = ids[:, 2:]  # depth 0 predicts token t+2
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-2].reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    ours_loss, direct_loss = loss(ours).item(), loss(direct).item()
+    assert abs(ours_loss - direct_loss) <= 1e-6 * direct_loss, (ours_loss, direct_loss)
+
+
 def test_fp8_and_fp4_reexport_reproduces_the_release_bytes(release, tmp_path):
     ckpt, out = tmp_path / "ckpt_bf16", tmp_path / "official"
     _ok(convert("import", release["release"], ckpt, "--dtype", "bf16"))
