@@ -130,11 +130,10 @@ class GroupedExperts(MegatronModule):
         return sharded
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name, (linear, _) in grouped_checkpoint.PROJECTIONS.items():
-            weight = getattr(self, name)
-            weight = weight if keep_vars else weight.detach()
-            for i in range(self.num_local_experts):
-                destination[f"{prefix}local_experts.{i}.{linear}.weight"] = weight[i]
+        for i in range(self.num_local_experts):  # SequentialMLP's key order
+            for name, (linear, _) in grouped_checkpoint.PROJECTIONS.items():
+                weight = getattr(self, name)
+                destination[f"{prefix}local_experts.{i}.{linear}.weight"] = (weight if keep_vars else weight.detach())[i]
                 destination[f"{prefix}local_experts.{i}.{linear}._extra_state"] = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
