@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_model_helpers import tiny_cfg
+from v4_model_helpers import assert_close_to_max as _close
+from v4_model_helpers import run_experts, tiny_cfg
 
 
 def _twins(dtype=torch.float32):
@@ -40,18 +41,8 @@ def _twins(dtype=torch.float32):
 
 
 def _run(module, hidden, counts, probs):
-    hidden = hidden.clone().requires_grad_(True)
-    probs = probs.clone().requires_grad_(True)
-    out, bias = module(hidden, torch.tensor(counts), probs)
-    assert bias is None
-    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out))
-    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
-    return out.detach(), hidden.grad, probs.grad, grads
-
-
-def _close(a, b, rtol):
-    scale = max(a.abs().max().item(), 1e-30)
-    assert (a.float() - b.float()).abs().max().item() <= rtol * scale
+    out, hidden_grad, probs_grad = run_experts(module, hidden, counts, probs)
+    return out, hidden_grad, probs_grad, {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
 @pytest.mark.parametrize("counts_kind", ["uneven_with_empty_experts", "one_expert_only", "no_tokens"])

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_model_helpers import build_tiny, tiny_cfg, tokens
+from v4_model_helpers import assert_close_to_max as _close
+from v4_model_helpers import build_tiny, run_experts, tiny_cfg, tokens
 
 COUNTS = {
     "uneven_with_empty_experts": [5, 0, 1, 9, 0, 3, 2, 7],
@@ -46,13 +47,8 @@ def _pair(dtype=torch.float32):
 
 
 def _run(module, hidden, counts, probs):
-    hidden = hidden.clone().requires_grad_(True)
-    probs = probs.clone().requires_grad_(True)
-    out, bias = module(hidden, torch.tensor(counts), probs)
-    assert bias is None
-    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out))
     weights = {k: v for k, v in module.state_dict(keep_vars=True).items() if k.endswith(".weight")}
-    return out.detach(), hidden.grad, probs.grad, weights
+    return (*run_experts(module, hidden, counts, probs), weights)
 
 
 def _per_expert_grads(module, weights):
@@ -66,11 +62,6 @@ def _per_expert_grads(module, weights):
         out[f"local_experts.{i}.linear_fc1.weight"] = module.fc1_weight.grad[i]
         out[f"local_experts.{i}.linear_fc2.weight"] = module.fc2_weight.grad[i]
     return out
-
-
-def _close(a, b, rtol):
-    scale = max(a.abs().max().item(), 1e-30)
-    assert (a.float() - b.float()).abs().max().item() <= rtol * scale
 
 
 @pytest.mark.parametrize("counts_kind", list(COUNTS))
