@@ -17,42 +17,50 @@ from typing import Optional
 import torch
 
 
-def _parts(gate_up: torch.Tensor, limit: Optional[float], offset: float):
+def _clamped(gate_up: torch.Tensor, limit: Optional[float], offset: float):
+    """(gate, up, clamped gate, clamped up + offset); the last two are fresh tensors."""
     gate, up = torch.chunk(gate_up, 2, dim=-1)
-    if limit is not None:
-        gate_c, up_c = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
-    else:
-        gate_c, up_c = gate, up
-    return gate, up, gate_c, up_c + offset if offset else up_c
+    gate_c = gate.clamp(max=limit) if limit is not None else gate.clone()
+    up_c = up.clamp(min=-limit, max=limit) if limit is not None else up.clone()
+    if offset:
+        up_c.add_(offset)
+    return gate, up, gate_c, up_c
 
 
 class ClampedSwiGLU(torch.autograd.Function):
-    """gate_up [N, 2f], prob [N] (fp32) -> [N, f] in gate_up's dtype."""
+    """gate_up [N, 2f], prob [N] (fp32) -> [N, f] in gate_up's dtype.
+
+    Written with in-place / out= ops: on CPU every fresh [N, f] temporary costs page faults (large
+    allocations are new mappings), which dominated this function's time with plain expressions."""
 
     @staticmethod
     def forward(ctx, gate_up, prob, limit, offset):
         ctx.save_for_backward(gate_up, prob)
         ctx.limit, ctx.offset = limit, offset
-        _, _, gate_c, up_c = _parts(gate_up, limit, offset)
-        return (torch.nn.functional.silu(gate_c) * up_c * prob.unsqueeze(-1)).to(gate_up.dtype)
+        _, _, out, up_c = _clamped(gate_up, limit, offset)
+        torch.nn.functional.silu(out, inplace=True)
+        # (silu * up) rounded to gate_up's dtype, then x prob in fp32 and rounded again, like
+        # Megatron's MLP (activation, then `* per_token_scale` and `.to(original_dtype)`).
+        return out.mul_(up_c).mul_(prob.unsqueeze(-1))
 
     @staticmethod
     def backward(ctx, grad_out):
         gate_up, prob = ctx.saved_tensors
-        limit, offset = ctx.limit, ctx.offset
-        gate, up, gate_c, up_c = _parts(gate_up, limit, offset)
-        sig = torch.sigmoid(gate_c)
-        act = gate_c * sig
-        grad_act_up = grad_out * prob.unsqueeze(-1)  # d(out)/d(silu * up), in fp32 when prob is
-        grad_gate = grad_act_up * up_c * (sig * (1 + gate_c * (1 - sig)))
-        grad_up = grad_act_up * act
-        if limit is not None:
-            grad_gate = grad_gate * (gate <= limit)
-            grad_up = grad_up * ((up >= -limit) & (up <= limit))
-        grad_gate_up = torch.cat([grad_gate, grad_up], dim=-1).to(gate_up.dtype)
+        limit = ctx.limit
+        gate, up, gate_c, up_c = _clamped(gate_up, limit, ctx.offset)
+        half = gate_c.shape[-1]
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up[..., :half], grad_gate_up[..., half:]
+        scaled = grad_out * prob.unsqueeze(-1)  # d(out)/d(silu * up), fp32 when prob is
+        act = torch.nn.functional.silu(gate_c)
         grad_prob = None
         if ctx.needs_input_grad[1]:
-            grad_prob = (grad_out.float() * (act * up_c).float()).sum(-1).to(prob.dtype)
+            grad_prob = (act * up_c).mul_(grad_out).sum(-1, dtype=torch.float32).to(prob.dtype)
+        torch.mul(scaled, act, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(scaled.mul_(up_c), gate_c, grad_input=grad_gate)
+        if limit is not None:  # torch.clamp's gradient: passes where min <= x <= max
+            grad_gate.masked_fill_(gate > limit, 0)
+            grad_up.masked_fill_((up < -limit).logical_or_(up > limit), 0)
         return grad_gate_up, grad_prob, None, None
 
 
