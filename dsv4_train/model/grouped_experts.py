@@ -12,6 +12,10 @@ weights ARE stacked parameters, `fc1_weight` [local experts, 2f/etp, d] and `fc2
 (model/grouped_checkpoint.py), so a checkpoint moves between `grouped`, `sequential` and `batched`
 and between EP / expert-TP layouts unchanged; the HF import sees the same per-expert state-dict keys.
 
+Kernels: on CUDA sm90+ with bf16 operands `torch._grouped_mm` is one CUTLASS grouped GEMM with the
+offsets read on the device; other dtypes / GPUs (fp32 included) and the CPU take PyTorch's fallback,
+a loop of mm's that reads the offsets on the host (pytorch PRs #161407, #162059).
+
 Maths = Megatron's `MLP.forward` on an expert (unfused GLU path, the prob scaling the activation
 before fc2); expert linears never communicate (the token dispatcher does), as in `SequentialMLP`.
 Weight attributes (`allreduce`, `tensor_model_parallel`, ...) are those of the expert linears, so
