@@ -33,7 +33,8 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 from dsv4_train.model import grouped_checkpoint
 from dsv4_train.model.swiglu import clamped_swiglu
 
-_ALIGN_BYTES = 16  # torch._grouped_mm needs 16-byte-aligned row strides
+# torch._grouped_mm needs 16-byte-aligned row strides: 8 elements in bf16 (the narrowest dtype run).
+_ALIGN_ELEMENTS = 8
 
 
 def _contiguous_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
 
 class GroupedExperts(MegatronModule):
-    """Drop-in for `SequentialMLP` (same constructor and forward signature; see module doc)."""
+    """Drop-in for `SequentialMLP` (same constructor and forward signature; `submodules` and
+    `name` are accepted and unused: there are no per-expert modules). See the module doc."""
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None):
         super().__init__(config=config)
@@ -62,11 +64,10 @@ class GroupedExperts(MegatronModule):
         ffn, hidden = config.moe_ffn_hidden_size, config.hidden_size
         assert ffn % tp == 0, (ffn, tp)
         local_ffn = ffn // tp
-        itemsize = torch.empty((), dtype=config.params_dtype).element_size()
-        for name_, size in (("hidden_size", hidden), ("moe_ffn_hidden_size / expert TP", local_ffn)):
-            if size * itemsize % _ALIGN_BYTES:
-                raise ValueError(f"grouped experts need {name_} ({size}) x {itemsize} bytes to be a multiple of "
-                                 f"{_ALIGN_BYTES} (torch._grouped_mm); use model.moe_expert_compute=sequential")
+        for label, size in (("hidden_size", hidden), ("moe_ffn_hidden_size / expert TP", local_ffn)):
+            if size % _ALIGN_ELEMENTS:
+                raise ValueError(f"grouped experts need {label} ({size}) to be a multiple of {_ALIGN_ELEMENTS} "
+                                 "(torch._grouped_mm's 16-byte strides); use model.moe_expert_compute=sequential")
         device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
         make = lambda *shape: torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype, device=device))
         self.fc1_weight = make(num_local_experts, 2 * local_ffn, hidden)
