@@ -143,10 +143,14 @@ class V4MoELayer(MoELayer):
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
         num_tokens = flat.shape[0]
         expert_major = routing_map.t().reshape(-1)  # [E * T]: expert e's tokens at e * T + t
-        routed = torch.nonzero_static(expert_major, size=num_tokens * self.config.moe_router_topk).squeeze(-1)
+        pairs = num_tokens * self.config.moe_router_topk
+        tokens_per_expert = routing_map.sum(0)
+        # Checked on the device (no sync): fewer pairs would leave padding indices in `routed`.
+        torch._assert_async(tokens_per_expert.sum() == pairs, "a token is not routed to exactly top-k experts")
+        routed = torch.nonzero_static(expert_major, size=pairs).squeeze(-1)
         token_idx = routed % num_tokens  # sorted by expert, then token
         expert_out, _ = self.experts(
-            flat.index_select(0, token_idx), routing_map.sum(0), probs.t().reshape(-1).index_select(0, routed)
+            flat.index_select(0, token_idx), tokens_per_expert, probs.t().reshape(-1).index_select(0, routed)
         )
         output = flat.new_zeros(flat.shape).index_add_(0, token_idx, expert_out).view(hidden_states.shape)
         return output + shared if shared is not None else output

@@ -212,3 +212,19 @@ def test_clamped_swiglu_gradients(limit, offset):
     assert (clamped_swiglu(gate_up, prob, limit, offset) - expected).abs().max().item() <= 1e-12
     assert torch.autograd.gradcheck(lambda g, p: clamped_swiglu(g, p, limit, offset),
                                     (gate_up.requires_grad_(True), prob.requires_grad_(True)))
+
+
+def test_single_rank_path_refuses_tokens_without_top_k_experts(megatron_world1):
+    """The dispatcher-free path sizes its (expert, token) list as tokens x top-k without a host
+    sync; a router that gives a token fewer experts (here: a hash table repeating an expert, as an
+    untrained all-zero table would) must raise instead of computing on padding indices."""
+    model = build_tiny()
+    moe = model.layers[0].ffn
+    assert moe.hash_routed and moe.dispatch_free
+    ids = tokens(model.model_cfg, batch=1, seq=16).t().contiguous()  # [s, b]
+    x = torch.randn(16, 1, model.model_cfg.hidden_size)
+    moe(x, token_ids=ids)  # the generated table: distinct experts per token
+    with torch.no_grad():
+        moe.router.tid2eid.zero_()
+    with pytest.raises(RuntimeError, match="top-k"):
+        moe(x, token_ids=ids)
