@@ -3,8 +3,7 @@
 Megatron parts used as they are: `MoELayer` (token dispatcher, EP-ready), routed experts as
 `GroupedExperts` (model/grouped_experts.py: stacked weights, grouped GEMMs; the default),
 `SequentialMLP` or `BatchedSequentialMLP` (model/experts.py), all with the same checkpoint keys, and
-`SharedExpertMLP`
-built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU clamp
+`SharedExpertMLP` built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU clamp
 (config.activation_func_clamp_value) to routed and shared experts alike, and `TopKRouter` for
 scored layers. V4-specific: hash layers route with `HashRouter`, which needs the token ids; the
 layer passes them down (`forward(hidden, token_ids=...)`). On a single rank with the grouped or
