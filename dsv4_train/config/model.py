@@ -79,10 +79,10 @@ class ModelConfig:
     swiglu_limit: float = 10.0
     expert_bias_update_rate: float = 1.0e-3  # noaux_tc bias speed gamma
     seq_aux_loss_coeff: float = 1.0e-4  # sequence-wise balance loss alpha
-    # How the routed experts compute (same maths and checkpoints either way): "sequential" =
-    # Megatron's SequentialMLP (one MLP per expert), "batched" = all local experts as two padded
-    # bmm's (model/experts.py; stacks the weights each step: for small models / CPU),
-    # "auto" = batched without CUDA, sequential with it.
+    # How the routed experts compute (same maths and checkpoints either way): "grouped" = stacked
+    # expert weights, one torch._grouped_mm per projection (model/grouped_experts.py),
+    # "sequential" = Megatron's SequentialMLP (one MLP per expert), "batched" = all local experts
+    # as two padded bmm's (model/experts.py; stacks the weights each step), "auto" = grouped.
     moe_expert_compute: str = "auto"
     # Seed of the deterministic tid2eid table generated when training from scratch.
     hash_table_seed: int = 1234

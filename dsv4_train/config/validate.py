@@ -28,7 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_KINDS = ("embedded", "indexed", "mock")
 WANDB_MODES = ("auto", "offline", "online", "disabled")
 SCORE_FUNCTIONS = ("sqrtsoftplus", "sigmoid", "softmax")
-EXPERT_COMPUTE = ("auto", "sequential", "batched")
+EXPERT_COMPUTE = ("auto", "grouped", "sequential", "batched")
 CHECKPOINT_LOAD_KEYWORDS = ("auto", "none")
 CHECKPOINT_VERIFY = ("full", "size", "off")
 

@@ -18,7 +18,7 @@ output is its local fc2(glu(fc1(x))) * prob, and the padding rows (zero input) a
 prob multiplies the expert output as in the official code (`expert(x) * weight`); Megatron scales
 the intermediate before fc2 instead (equal by linearity, rounded differently). Stacking copies all
 local expert weights every step, which is cheap on CPU-sized models and wrong for large GPU ones,
-hence `ModelConfig.moe_expert_compute` ("auto" = batched on CPU).
+hence `ModelConfig.moe_expert_compute` (model/grouped_experts.py stores the weights stacked instead).
 """
 
 from __future__ import annotations

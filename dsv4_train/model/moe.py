@@ -1,12 +1,13 @@
 """V4 MoE sub-layer (spec §6-7) on Megatron-Core's `MoELayer`.
 
-Megatron parts used as they are: `MoELayer` (token dispatcher, EP-ready), `SequentialMLP` experts
-(or `BatchedSequentialMLP`, model/experts.py: same modules, batched forward) and `SharedExpertMLP`
-built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU clamp
+Megatron parts used as they are: `MoELayer` (token dispatcher, EP-ready), routed experts as
+`GroupedExperts` (model/grouped_experts.py: stacked weights, grouped GEMMs; the default),
+`SequentialMLP` or `BatchedSequentialMLP` (model/experts.py), all with the same checkpoint keys, and
+`SharedExpertMLP` built from tensor-parallel linears, whose unfused GLU path applies V4's SwiGLU clamp
 (config.activation_func_clamp_value) to routed and shared experts alike, and `TopKRouter` for
 scored layers. V4-specific: hash layers route with `HashRouter`, which needs the token ids; the
-layer passes them down (`forward(hidden, token_ids=...)`). On a single rank with the batched
-experts, the layer skips the token dispatcher (nothing to exchange; `_forward_single_rank`).
+layer passes them down (`forward(hidden, token_ids=...)`). On a single rank with the grouped or
+batched experts, the layer skips the token dispatcher (nothing to exchange; `_forward_single_rank`).
 
 Tensor parallelism without sequence parallelism: Megatron's `MoELayer` refuses it in training
 (its dispatchers treat the TP ranks' tokens as distinct), so the layer runs sequence-parallel
@@ -39,6 +40,7 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from dsv4_train.config.model import ModelConfig
 from dsv4_train.model.experts import BatchedSequentialMLP
+from dsv4_train.model.grouped_experts import GroupedExperts
 from dsv4_train.model.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from dsv4_train.model.router import HashRouter, ScoredRouter
 
@@ -51,13 +53,13 @@ def _shared_experts(*, config, pg_collection, gate, submodules, name=None):
     return SharedExpertMLP(config=config, submodules=submodules, gate=gate, pg_collection=pg_collection, name=name)
 
 
+_EXPERT_CLASSES = {"grouped": GroupedExperts, "batched": BatchedSequentialMLP, "sequential": SequentialMLP}
+
+
 def _experts_class(model_cfg: ModelConfig, config):
-    """SequentialMLP or its batched twin (same parameters and checkpoints), per moe_expert_compute;
-    "auto" follows where the model is built (`use_cpu_initialization` is set from run.device)."""
+    """The routed-expert module per moe_expert_compute ("auto" = grouped); same checkpoints for all."""
     choice = model_cfg.moe_expert_compute
-    if choice == "auto":
-        choice = "batched" if config.use_cpu_initialization else "sequential"
-    return BatchedSequentialMLP if choice == "batched" else SequentialMLP
+    return _EXPERT_CLASSES["grouped" if choice == "auto" else choice]
 
 
 def _sequence_parallel_inside(config) -> bool:
@@ -95,7 +97,7 @@ class V4MoELayer(MoELayer):
         # One rank holds every expert whole and every token: nothing to dispatch (see
         # `_forward_single_rank`).
         self.dispatch_free = (
-            isinstance(self.experts, BatchedSequentialMLP)
+            isinstance(self.experts, (GroupedExperts, BatchedSequentialMLP))
             and self.ep_group.size() == 1
             and self.experts.tp_group.size() == 1
             and self.attn_tp_group.size() == 1
@@ -129,17 +131,25 @@ class V4MoELayer(MoELayer):
 
     def _forward_single_rank(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`MoELayer.forward` without the token dispatcher: shared expert, router, then the tokens
-        grouped expert-major (token order kept within an expert), the batched experts, and their
+        grouped expert-major (token order kept within an expert), the experts, and their
         outputs (already scaled by the routing weight) added back to their tokens in that order:
         the same maths and summation order as Megatron's single-rank dispatch, without its
-        bookkeeping (permutation maps, identity collectives: ~0.4 ms per layer at CPU sizes)."""
+        bookkeeping (permutation maps, identity collectives: ~0.4 ms per layer at CPU sizes).
+        No host sync: every token has exactly top-k experts (no capacity dropping here, see
+        `dispatch_free`), so the routed (expert, token) pairs number T * k, known in advance."""
         shared = self.shared_experts(hidden_states) if self.use_shared_expert else None
         probs, routing_map = self.router(hidden_states)  # [T, E] fp32, [T, E] bool
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, d]
-        expert_major = routing_map.t()  # [E, T]
-        expert_idx, token_idx = expert_major.nonzero(as_tuple=True)  # sorted by expert, then token
+        num_tokens = flat.shape[0]
+        expert_major = routing_map.t().reshape(-1)  # [E * T]: expert e's tokens at e * T + t
+        pairs = num_tokens * self.config.moe_router_topk
+        tokens_per_expert = routing_map.sum(0)
+        # Checked on the device (no sync): fewer pairs would leave padding indices in `routed`.
+        torch._assert_async(tokens_per_expert.sum() == pairs, "a token is not routed to exactly top-k experts")
+        routed = torch.nonzero_static(expert_major, size=pairs).squeeze(-1)
+        token_idx = routed % num_tokens  # sorted by expert, then token
         expert_out, _ = self.experts(
-            flat.index_select(0, token_idx), expert_major.sum(1), probs.t()[expert_idx, token_idx]
+            flat.index_select(0, token_idx), tokens_per_expert, probs.t().reshape(-1).index_select(0, routed)
         )
         output = flat.new_zeros(flat.shape).index_add_(0, token_idx, expert_out).view(hidden_states.shape)
         return output + shared if shared is not None else output

@@ -51,9 +51,20 @@ def _grad_pairs(num_layers: int):
     return [(hf_name.format(**idx), our_name.format(**idx)) for hf_name, our_name in _GRAD_PAIRS]
 
 
-# Both routed-expert paths (model/experts.py: Megatron's SequentialMLP and our batched twin) are
-# held to the oracle.
-_PAIRS = [(case, compute) for case in CASES for compute in ("batched", "sequential")]
+# Every routed-expert path (model/grouped_experts.py, the default; model/experts.py: Megatron's
+# SequentialMLP and our batched twin) is held to the oracle.
+_PAIRS = [(case, compute) for case in CASES for compute in ("grouped", "batched", "sequential")]
+
+
+def _expert_fc1(experts, e: int, grad: bool = False):
+    """Local expert e's fc1 weight (or its gradient) [2I, d], whichever module holds it."""
+    from dsv4_train.model.grouped_experts import GroupedExperts
+
+    if isinstance(experts, GroupedExperts):
+        return experts.fc1_weight.grad[e] if grad and experts.fc1_weight.grad is not None else (
+            None if grad else experts.fc1_weight[e])
+    weight = experts.local_experts[e].linear_fc1.weight
+    return weight.grad if grad else weight
 
 
 @pytest.fixture(scope="module", params=_PAIRS, ids=[f"{c.name}-{compute}" for c, compute in _PAIRS])
@@ -104,7 +115,7 @@ def test_gradients_match(pair):
     last = len(case.ratios) - 1
     gate_up = hf_params[f"model.layers.{last}.mlp.experts.gate_up_proj"].grad
     for e in range(case.experts):
-        ours_fc1 = our_params[f"layers.{last}.ffn.experts.local_experts.{e}.linear_fc1.weight"].grad
+        ours_fc1 = _expert_fc1(ours.layers[last].ffn.experts, e, grad=True)
         if ours_fc1 is None or gate_up[e].abs().max() == 0:
             assert (ours_fc1 is None or ours_fc1.abs().max() == 0) and gate_up[e].abs().max() == 0
             continue
@@ -124,7 +135,7 @@ def test_swiglu_clamp_is_exercised(pair):
     def expert0_fc1(experts, inputs):
         hidden, tokens_per_expert = inputs[0], inputs[1]
         rows = hidden[: int(tokens_per_expert[0])]
-        seen.append(rows @ experts.local_experts[0].linear_fc1.weight.t())
+        seen.append(rows @ _expert_fc1(experts, 0).t())
 
     hooks = [layer.ffn.experts.register_forward_pre_hook(expert0_fc1) for layer in ours.layers]
     try:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v4_model_helpers import tiny_cfg
+from v4_model_helpers import assert_close_to_max as _close
+from v4_model_helpers import run_experts, tiny_cfg
 
 
 def _twins(dtype=torch.float32):
@@ -40,18 +41,8 @@ def _twins(dtype=torch.float32):
 
 
 def _run(module, hidden, counts, probs):
-    hidden = hidden.clone().requires_grad_(True)
-    probs = probs.clone().requires_grad_(True)
-    out, bias = module(hidden, torch.tensor(counts), probs)
-    assert bias is None
-    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out))
-    grads = {name: p.grad.clone() for name, p in module.named_parameters()}
-    return out.detach(), hidden.grad, probs.grad, grads
-
-
-def _close(a, b, rtol):
-    scale = max(a.abs().max().item(), 1e-30)
-    assert (a.float() - b.float()).abs().max().item() <= rtol * scale
+    out, hidden_grad, probs_grad = run_experts(module, hidden, counts, probs)
+    return out, hidden_grad, probs_grad, {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
 @pytest.mark.parametrize("counts_kind", ["uneven_with_empty_experts", "one_expert_only", "no_tokens"])
@@ -92,26 +83,32 @@ def test_model_config_selects_expert_path(megatron_world1):
     from dsv4_train.model.experts import BatchedSequentialMLP
     from v4_model_helpers import build_tiny
 
+    from dsv4_train.model.grouped_experts import GroupedExperts
+
     batched = build_tiny(moe_expert_compute="batched")
     sequential = build_tiny(moe_expert_compute="sequential")
-    auto = build_tiny()  # no CUDA here -> batched
+    grouped = build_tiny(moe_expert_compute="grouped")
+    auto = build_tiny()  # auto = grouped
     assert type(batched.layers[0].ffn.experts) is BatchedSequentialMLP
     assert type(sequential.layers[0].ffn.experts) is SequentialMLP
-    assert type(auto.layers[0].ffn.experts) is BatchedSequentialMLP
-    # Same parameter names, so checkpoints are interchangeable.
+    assert type(grouped.layers[0].ffn.experts) is GroupedExperts
+    assert type(auto.layers[0].ffn.experts) is GroupedExperts
+    # Same parameter names (batched) and state-dict keys (all three), so checkpoints are interchangeable.
     assert [n for n, _ in batched.named_parameters()] == [n for n, _ in sequential.named_parameters()]
+    assert list(grouped.state_dict()) == list(sequential.state_dict()) == list(batched.state_dict())
 
 
+@pytest.mark.parametrize("compute", ["grouped", "batched"])
 @pytest.mark.parametrize("layer_index", [0, 3], ids=["hash_routed", "scored"])
-def test_single_rank_moe_skips_dispatcher_with_same_result(megatron_world1, layer_index):
-    """On one rank the MoE layer routes and combines in the batched experts (no token dispatcher):
+def test_single_rank_moe_skips_dispatcher_with_same_result(megatron_world1, layer_index, compute):
+    """On one rank the MoE layer routes and combines in the grouped / batched experts (no token dispatcher):
     output and every gradient equal Megatron's dispatcher path (same ops in the same order;
     tolerance 1e-6 of each tensor's max only guards against a different reduction blocking)."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from v4_model_helpers import build_tiny, tokens
 
-    model = build_tiny().eval()
+    model = build_tiny(moe_expert_compute=compute).eval()
     block = model.layers[min(layer_index, len(model.layers) - 1)]
     moe = block.ffn
     assert moe.dispatch_free

@@ -29,3 +29,20 @@ def build_tiny(seed: int = 0, **overrides):
 
 def tokens(cfg: ModelConfig, batch: int = 2, seq: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def run_experts(module, hidden: torch.Tensor, counts, probs: torch.Tensor):
+    """Forward + backward of a routed-expert module (SequentialMLP signature) with a fixed upstream
+    gradient -> (output, input gradient, prob gradient); weight gradients stay on the module."""
+    hidden = hidden.clone().requires_grad_(True)
+    probs = probs.clone().requires_grad_(True)
+    out, bias = module(hidden, torch.tensor(counts), probs)
+    assert bias is None
+    out.backward(torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).view_as(out))
+    return out.detach(), hidden.grad, probs.grad
+
+
+def assert_close_to_max(a: torch.Tensor, b: torch.Tensor, rtol: float) -> None:
+    """|a - b| <= rtol x max|a| (a tolerance relative to the tensor's largest entry)."""
+    scale = max(a.abs().max().item(), 1e-30)
+    assert (a.float() - b.float()).abs().max().item() <= rtol * scale
