@@ -139,6 +139,9 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
         sharded[key] = chunk_sd
         model_sharded.update(chunk_sd)
     if optimizer is not None:
+        from dsv4_train.checkpoint import mcore_fixes
+
+        mcore_fixes.apply()
         if is_loading:
             _prepare_optimizer_for_load(optimizer)
         if legacy_optimizer_format:
