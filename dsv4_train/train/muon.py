@@ -12,6 +12,11 @@ linear map from one input, not per head. A tensor-parallel piece is all-gathered
 (expert TP for routed experts), orthogonalised as the whole logical matrix, and this rank's slice
 is kept, so every TP layout computes the 1-process update. The momentum is elementwise, hence
 local. Both halves read `lr` and `weight_decay` of their param group, which Megatron's scheduler sets.
+
+Data parallel (`owners`): gradients are all-reduced, and each whole parameter is assigned to one
+owner rank of the data-parallel group it is replicated over (largest first, to the least loaded
+rank). Only the owner keeps its optimizer state and computes its update, then broadcasts the new
+values; no rank holds the whole model's state (paper §2.4 distributes Muon by whole matrices too).
 """
 
 from __future__ import annotations
@@ -60,6 +65,30 @@ def matrix_layout(name: str, param: torch.Tensor, *, o_groups_local: int) -> Mat
     return MatrixLayout(pieces=pieces, partition_dim=param.partition_dim, group=group)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """The rank that updates a data-parallel replicated parameter and broadcasts it to its group."""
+
+    group: object
+    src: int  # global rank of the owner
+    mine: bool
+
+
+def assign_owners(params_and_groups) -> Dict[torch.Tensor, Owner]:
+    """[(param, data-parallel group)] -> owner per param: largest first, to the least loaded rank.
+    The same on every rank of a TP group (TP shards have equal shapes), as the TP gather needs."""
+    items = [(p, g) for p, g in params_and_groups if torch.distributed.get_world_size(g) > 1]
+    loads: Dict[int, list] = {}
+    owners = {}
+    for param, group in sorted(items, key=lambda item: -item[0].numel()):  # stable: ties keep model order
+        load = loads.setdefault(id(group), [0] * torch.distributed.get_world_size(group))
+        rank = min(range(len(load)), key=load.__getitem__)
+        load[rank] += param.numel()
+        owners[param] = Owner(group, torch.distributed.get_global_rank(group, rank),
+                              rank == torch.distributed.get_rank(group))
+    return owners
+
+
 def _orthogonalise(piece: torch.Tensor, layout: MatrixLayout, ns_dtype: torch.dtype) -> torch.Tensor:
     if layout.group is None:
         return scaled_orthogonal(piece, ns_dtype=ns_dtype)
@@ -78,18 +107,25 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups: Iterable[dict], layouts: Dict[torch.Tensor, MatrixLayout], *, lr: float,
                  weight_decay: float, betas: Tuple[float, float], eps: float, momentum: float,
-                 ns_dtype: torch.dtype = torch.float32):
+                 ns_dtype: torch.dtype = torch.float32, owners: Optional[Dict[torch.Tensor, Owner]] = None):
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         super().__init__(list(param_groups), defaults)
         self.layouts = layouts
+        self.owners = owners or {}
         self.momentum = momentum
         self.ns_dtype = ns_dtype
 
     def init_state(self, optimizer=None, config=None) -> None:
         """Allocate every state tensor (Megatron calls this before loading a checkpoint into it)."""
+        for param in self._owned():
+            self._state_of(param)
+
+    def _owned(self):
         for group in self.param_groups:
             for param in group["params"]:
-                self._state_of(param)
+                owner = self.owners.get(param)
+                if owner is None or owner.mine:
+                    yield param
 
     def _state_of(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -107,7 +143,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None:
+                owner = self.owners.get(param)
+                if param.grad is None or (owner is not None and not owner.mine):
                     continue
                 state = self._state_of(param)
                 state["step"] += 1
@@ -115,6 +152,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     self._muon(param, state, group)
                 else:
                     self._adamw(param, state, group)
+        for group in self.param_groups:
+            for param in group["params"]:
+                owner = self.owners.get(param)
+                if owner is not None and param.grad is not None:
+                    torch.distributed.broadcast(param.data, src=owner.src, group=owner.group)
         return loss
 
     def _muon(self, param, state, group) -> None:

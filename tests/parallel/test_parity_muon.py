@@ -6,7 +6,8 @@ initial weights, each layout loads them and trains 5 fp32 steps with the same se
 batch; per-step lm_loss, mtp_loss and grad_norm are compared. What this checks beyond AdamW: a
 TP-split matrix (heads of wq_b, wo_b's columns, each half of a fused gate/up under expert TP) is
 orthogonalised as the whole logical matrix (train/muon.py gathers it over its TP group), and DP
-replicas apply the same update. Orthogonalising only the local shard instead (no gather) gave, under
+replicas apply the same update (the state sharded by owner: each parameter is updated by one
+data-parallel rank and broadcast). Orthogonalising only the local shard instead (no gather) gave, under
 tp2_sp, 9.8e-4 on lm_loss and 1.5e-2 on grad_norm (measured): far outside the tolerance.
 
 Tolerance 1e-5 relative, as for AdamW: layouts only reorder floating-point sums (measured: at most
