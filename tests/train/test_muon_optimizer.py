@@ -91,3 +91,12 @@ def test_two_steps_match_paper_formulas(built):
             assert err <= 1e-6, (step, n, err)
     # Weight decay reached the matrices (the reference would not notice a group without it).
     assert all(groups[id(p)]["weight_decay"] == WD for n, p in named if id(p) in muon)
+
+
+def test_plan_counts_the_muon_matrices_of_the_built_model(built):
+    # The plan's arithmetic inventory (plan/muon.py) against the optimizer's split of the real
+    # model: exact, both are parameter counts.
+    from dsv4_train.plan.muon import muon_param_count
+
+    cfg, _, optimizer = built
+    assert sum(p.numel() for sub in _inner(optimizer) for p in sub.layouts) == muon_param_count(cfg.model)
