@@ -1,4 +1,4 @@
-"""Muon (optim.optimizer=muon) gives the 1-process losses in data, tensor, sequence, expert and
+"""Muon (optim.optimizer=muon) gives the 1-process losses in data, tensor, sequence, expert, context and
 pipeline parallel layouts.
 
 Same harness as the AdamW parity tests (tests/parallel/harness.py): the reference run saves its
@@ -11,7 +11,7 @@ data-parallel rank and broadcast). Orthogonalising only the local shard instead 
 tp2_sp, 9.8e-4 on lm_loss and 1.5e-2 on grad_norm (measured): far outside the tolerance.
 
 Tolerance 1e-5 relative, as for AdamW: layouts only reorder floating-point sums (measured: at most
-2.5e-7, on grad_norm, over all six layouts).
+2.5e-7, on grad_norm, over all eight layouts).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ LAYOUTS = [
     ("ep2", 2, ["parallel.ep=2"]),
     ("pp2", 2, ["parallel.pp=2", "parallel.pipeline_layout=Et*3|t*2mL"]),
     ("tp2_sp_ep2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.ep=2"]),
+    ("cp2", 2, ["parallel.cp=2"]),
+    ("pp2_ep2", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.pipeline_layout=Et*3|t*2mL"]),
 ]
 _rows = []
 
