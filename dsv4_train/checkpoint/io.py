@@ -139,6 +139,9 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
         sharded[key] = chunk_sd
         model_sharded.update(chunk_sd)
     if optimizer is not None:
+        from dsv4_train.checkpoint import mcore_fixes
+
+        mcore_fixes.apply()
         if is_loading:
             _prepare_optimizer_for_load(optimizer)
         if legacy_optimizer_format:
@@ -410,6 +413,8 @@ def _per_param_optimizer_state(optimizer, model_sharded, *, is_loading: bool) ->
         sub.sharded_state_dict(model_sharded, is_loading=is_loading, metadata=dict(_DISTOPT_METADATA))
         for sub in _sub_optimizers(optimizer)
     ]
+    for sub, template in zip(_sub_optimizers(optimizer), templates):
+        _owned_state_is_main_replica(sub, template)
     tensors = {}
     for template in templates:
         for leaf in _sharded_leaves(template):
@@ -418,6 +423,16 @@ def _per_param_optimizer_state(optimizer, model_sharded, *, is_loading: bool) ->
     if is_loading:
         state["_templates"] = templates
     return state
+
+
+def _owned_state_is_main_replica(sub, template: dict) -> None:
+    """Muon's data-parallel sharded state (train/muon.py) exists only on each parameter's owner:
+    that copy is the main replica (replica id (pp, tp, dp): its dp part set to 0), saved by it."""
+    if not getattr(getattr(sub, "optimizer", None), "owners", None):
+        return
+    torch_state = template.get("optimizer", template)
+    for leaf in _sharded_leaves(torch_state["state"]):
+        leaf.replica_id = (*leaf.replica_id[:-1], 0)
 
 
 def _load_per_param_optimizer_state(optimizer, templates: list, request_tensors: dict, loaded: dict) -> None:

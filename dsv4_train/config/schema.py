@@ -67,8 +67,10 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up, then constant / cosine / WSD / linear decay."""
+    """AdamW, or Muon for matrices with AdamW for the rest (paper §2.4), with linear warm-up, then
+    constant / cosine / WSD / linear decay."""
 
+    optimizer: str = "adamw"  # adamw | muon (Muon: hidden matrices; AdamW: embeddings, head, norms, mHC scalars)
     lr: float = 3.0e-4
     min_lr: float = 3.0e-5
     weight_decay: float = 0.1
@@ -81,6 +83,8 @@ class OptimConfig:
     decay_steps: Optional[int] = None  # None = train.max_steps - warmup_steps
     wsd_decay_steps: Optional[int] = None  # length of the final WSD decay; None = 20% of decay_steps
     wsd_decay_style: str = "cosine"  # shape of the final WSD decay: cosine | linear | exponential | minus_sqrt
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum mu
+    muon_ns_dtype: str = "fp32"  # dtype of the Newton-Schulz iteration: fp32 | bf16
 
 
 @dataclass

@@ -20,6 +20,8 @@ PRECISIONS = ("fp32", "bf16")
 RECOMPUTE_MODES = ("none", "selective", "full")
 DECAY_STYLES = ("constant", "cosine", "linear", "wsd")
 WSD_DECAY_STYLES = ("cosine", "linear", "exponential", "minus_sqrt")
+OPTIMIZERS = ("adamw", "muon")
+NS_DTYPES = ("fp32", "bf16")
 INDEXER_PHASES = ("dense", "warmup", "sparse")
 NONFINITE_POLICIES = ("skip", "stop")
 MAX_SAMPLES = 10**12  # samples per run: the dataset index is built for every one of them
@@ -340,6 +342,10 @@ def check_train(cfg, problems: List[str]) -> None:
             f"{t.max_steps * t.global_batch_size:.3g} samples is beyond any dataset index (at most {MAX_SAMPLES:.0e}); "
             "lower train.max_steps."
         )
+    _one_of(problems, "optim.optimizer", o.optimizer, OPTIMIZERS)
+    _one_of(problems, "optim.muon_ns_dtype", o.muon_ns_dtype, NS_DTYPES)
+    if not (math.isfinite(o.muon_momentum) and 0.0 <= o.muon_momentum < 1.0):
+        problems.append(f"optim.muon_momentum={o.muon_momentum} must be in [0, 1).")
     _one_of(problems, "optim.decay_style", o.decay_style, DECAY_STYLES)
     _one_of(problems, "optim.wsd_decay_style", o.wsd_decay_style, WSD_DECAY_STYLES)
     if o.lr <= 0 or o.min_lr < 0:

@@ -14,6 +14,7 @@ from typing import Optional
 from dsv4_train.config.derive import derive
 from dsv4_train.config.validate import RECOMPUTE_MODES, validate
 from dsv4_train.plan.flops import flops_per_token
+from dsv4_train.plan.muon import newton_schulz_flops
 from dsv4_train.plan.memory import GIB, plan_backend, rank_memory
 from dsv4_train.plan.params import count_params
 
@@ -84,11 +85,11 @@ def make_plan(
         "flops_per_token_without_mtp": flops["total_without_mtp"],
         "flops_breakdown": {k_: v for k_, v in flops.items() if not k_.startswith("total")},
         "flops_per_step": flops["total"] * d.tokens_per_step,
+        "optimizer": cfg.optim.optimizer,
+        "newton_schulz_flops_per_step": newton_schulz_flops(m) if cfg.optim.optimizer == "muon" else 0.0,
         "memory_assumptions": (
             f"{t.precision} weights, fp32 main grads, "
-            + ("fp32 master + Adam moments" if t.precision == "bf16" else "fp32 Adam moments")
-            + (" sharded by the distributed optimizer over dp*cp (dense) / expert-dp (experts)"
-               if p.distributed_optimizer else " replicated (no distributed optimizer)")
+            + _optimizer_state_words(cfg)
             + ("; dense attention (keeps [H, s, s+N] fp32 scores)" if plan_backend(m) == "dense"
                else "; blockwise/flex attention (linear in s, one query block's scores at a time)")
             + "; 1F1B in-flight micro-batches; 5 GiB overhead"
@@ -178,6 +179,17 @@ def _b(n: float) -> str:
     return f"{n / 1e12:.3f}T" if n >= 1e12 else f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _optimizer_state_words(cfg) -> str:
+    p, bf16 = cfg.parallel, cfg.train.precision == "bf16"
+    if cfg.optim.optimizer == "muon":
+        return (("fp32 master (whole) + " if bf16 else "") + "Muon momentum / Adam moments (head, embedding)"
+                + (" sharded by whole parameters over dp*cp (dense) / expert-dp (experts)"
+                   if p.distributed_optimizer else " replicated"))
+    return (("fp32 master + Adam moments" if bf16 else "fp32 Adam moments")
+            + (" sharded by the distributed optimizer over dp*cp (dense) / expert-dp (experts)"
+               if p.distributed_optimizer else " replicated (no distributed optimizer)"))
+
+
 def format_plan(plan: dict) -> str:
     lay, bat = plan["layout"], plan["batch"]
     lines = [
@@ -193,6 +205,9 @@ def format_plan(plan: dict) -> str:
         f"{_b(plan['params_with_mtp'])}",
         f"  model FLOPs/token {_b(plan['flops_per_token'])}FLOP (with MTP; "
         f"{_b(plan['flops_per_token_without_mtp'])}FLOP without; Megatron-Bridge convention)",
+        *([f"  Newton-Schulz     {_b(plan['newton_schulz_flops_per_step'])}FLOP/step "
+           f"({plan['newton_schulz_flops_per_step'] / plan['flops_per_step']:.2%} of the model's)"]
+          if plan["optimizer"] == "muon" else []),
         f"  memory per GPU (GiB), recompute={plan['recompute']}; {plan['memory_assumptions']}",
         "    pp_rank   dense     experts   weights  grads   optim   activ   total",
     ]

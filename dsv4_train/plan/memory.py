@@ -5,7 +5,10 @@ fp32 main grads (4 B) and fp32 master weights + two Adam moments (12 B); fp32 tr
 weights (4 B), fp32 grads (4 B) and two moments (8 B). The distributed optimizer shards the
 optimizer part over the data-parallel ranks that hold a replica: dp * cp for dense parameters,
 expert-DP for routed experts. Dense parameters are split by TP, routed experts by EP * ETP, layers
-by the pipeline layout.
+by the pipeline layout. With Muon (train/muon.py): one fp32 momentum (4 B) for every matrix, Adam's
+two moments (8 B) for the embedding and head, sharded by whole parameters over the same ranks; the
+fp32 master weights of bf16 (4 B) are not sharded (Megatron's Float16 optimizer keeps them whole).
+Norms and mHC scalars (<0.01% of the parameters) are counted as matrices.
 
 Activations (bytes per micro-batch, per rank) are an estimate of the tensors autograd keeps for a
 V4 block, per token: the mHC residual streams (n_hc * d) and collapsed inputs of both sub-layers;
@@ -83,6 +86,7 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     params = count_params(m)
     bpp = bytes_per_param(t.precision)
+    muon = cfg.optim.optimizer == "muon"
     act_bytes = 2 if t.precision == "bf16" else 4
     dense_shard = derived.dp * p.cp if p.distributed_optimizer else 1
     expert_shard = derived.edp if p.distributed_optimizer else 1
@@ -94,7 +98,7 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
     ratios = m.compress_ratios
     out = []
     for rank in range(p.pp):
-        dense = expert = 0.0
+        dense = expert = adamw = 0.0  # adamw: embedding and head (part of dense)
         act_per_mb = 0.0
         for st in derived.stages_of_rank(rank):
             for i in st.decoder_layers:
@@ -109,10 +113,13 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
                 act_per_mb += tokens * activation_elements_per_token(m, ratio=ratios[m.num_layers + j], **per_token)
             if st.has_embedding:
                 dense += params.embedding / p.tp
+                adamw += params.embedding / p.tp
             if st.mtp_layers and not st.has_embedding:
                 dense += params.embedding / p.tp  # MTP's copy of the shared embedding
+                adamw += params.embedding / p.tp
             if st.has_loss:
                 dense += (params.output_layer + params.final) / p.tp
+                adamw += params.output_layer / p.tp
         in_flight = min(p.pp - rank, derived.num_microbatches) * interleave
         activations = act_per_mb * act_bytes * in_flight
         layer_ratios = [ratios[i] for st in derived.stages_of_rank(rank) for i in st.decoder_layers]
@@ -134,7 +141,11 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
             activations += tokens * vocab * 4 * (1 + m.mtp_num_layers)  # fp32 logits
         weights = (dense + expert) * bpp["weights"]
         grads = (dense + expert) * bpp["grads"]
-        optimizer = (dense / dense_shard + expert / expert_shard) * bpp["optimizer"]
+        if muon:
+            master = (dense + expert) * (4 if t.precision == "bf16" else 0)
+            optimizer = master + ((dense + adamw) / dense_shard + expert / expert_shard) * 4  # momentum; Adam's 2nd moment
+        else:
+            optimizer = (dense / dense_shard + expert / expert_shard) * bpp["optimizer"]
         total = weights + grads + optimizer + activations + OVERHEAD_BYTES
         out.append(
             {

@@ -20,7 +20,7 @@ from dsv4_train.config.schema import Config
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.evaluate import evaluate
 from dsv4_train.train.metrics import MetricsSink
-from dsv4_train.train.optimizer import build_optimizer
+from dsv4_train.train.optimizer import build_optimizer, distributed_optimizer_on
 from dsv4_train.train.stages import set_indexer_phase, train_only_indexer
 from dsv4_train.train.telemetry import StepProfiler, StepTelemetry
 from dsv4_train.train.nonfinite import EXIT_NONFINITE, NonFinitePolicy, NonFiniteStop, parameters_are_finite
@@ -73,7 +73,7 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=overlap_grad_reduce(cfg),
         bucket_size=par.ddp_bucket_size,
-        use_distributed_optimizer=par.distributed_optimizer,
+        use_distributed_optimizer=distributed_optimizer_on(cfg),
         check_for_nan_in_grad=False,  # train/nonfinite.py skips such steps on every rank instead
     )
     chunks = []

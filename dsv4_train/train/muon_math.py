@@ -6,7 +6,7 @@ the `emerging-optimizers` package, which is not installable here).
 
 HybridNS normalises by the Frobenius norm, then runs 8 steps with (3.4445, -4.7750, 2.0315) and 2
 with (2, -1.5, 0.5) (the last two pull every singular value to ~1, so the RMS rescale is exact to ~1%).
-Not yet wired into the optimizer build (see issue 13).
+train/muon.py applies it per logical matrix inside the optimizer.
 """
 
 from __future__ import annotations
@@ -38,12 +38,17 @@ def hybrid_newton_schulz(update: torch.Tensor, *, schedule: Sequence[Tuple[float
     return x.float()
 
 
+def scaled_orthogonal(direction: torch.Tensor, *, update_rms: float = 0.18,
+                      ns_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """HybridNS(direction) * sqrt(max(rows, cols)) * update_rms: an update of RMS ~update_rms."""
+    return hybrid_newton_schulz(direction, dtype=ns_dtype) * (max(direction.shape) ** 0.5 * update_rms)
+
+
 def muon_matrix_step(param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, *, lr: float,
                      weight_decay: float, mu: float = 0.95, nesterov: bool = True,
                      update_rms: float = 0.18, ns_dtype: torch.dtype = torch.float32) -> None:
     """One in-place Muon step for ONE logically independent matrix (param, momentum updated)."""
     momentum.mul_(mu).add_(grad)
     direction = grad + mu * momentum if nesterov else momentum
-    ortho = hybrid_newton_schulz(direction, dtype=ns_dtype)
-    ortho = ortho * (max(param.shape) ** 0.5 * update_rms)
+    ortho = scaled_orthogonal(direction, update_rms=update_rms, ns_dtype=ns_dtype)
     param.mul_(1.0 - lr * weight_decay).sub_(lr * ortho.to(param.dtype))

@@ -2,7 +2,10 @@
 
 AdamW through `get_megatron_optimizer` (distributed optimizer, fp32 main params for bf16, gradient
 clipping) and `OptimizerParamScheduler` for linear warm-up followed by constant / cosine / linear /
-WSD decay.
+WSD decay. `optim.optimizer=muon` keeps Megatron's wrappers (main params, clipping, zero-grad, the
+param groups the scheduler drives) and swaps the torch optimizer inside for train/muon.py's
+Muon + AdamW. Megatron's distributed optimizer cuts matrices into flat ranges, so with Muon
+`parallel.distributed_optimizer` shards the state by whole parameters instead (train/muon.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,56 @@ def _param_groups(config) -> dict:
     return overrides
 
 
+def distributed_optimizer_on(cfg: Config) -> bool:
+    """Megatron's distributed optimizer shards flat parameter ranges, which cut Muon's matrices."""
+    return cfg.parallel.distributed_optimizer and cfg.optim.optimizer != "muon"
+
+
+def _main_to_model(sub) -> dict:
+    """Optimizer (main) parameter -> model parameter: bf16 params have fp32 main copies."""
+    pairs = {}
+    for model_group, main_group in zip(getattr(sub, "float16_groups", []), getattr(sub, "fp32_from_float16_groups", [])):
+        pairs.update(zip(main_group, model_group))
+    return pairs
+
+
+def _data_parallel_group(model_param):
+    """The group DDP all-reduces this parameter's gradient over (routed experts: expert-DP)."""
+    from megatron.core import parallel_state
+
+    if getattr(model_param, "allreduce", True):
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return parallel_state.get_expert_data_parallel_group()
+
+
+def _install_muon(optimizer, model_chunks: List[torch.nn.Module], cfg: Config) -> None:
+    """Replace the torch AdamW inside each Megatron (sub-)optimizer by Muon + AdamW on the same groups."""
+    from dsv4_train.train.muon import NS_DTYPES, MuonWithAdamW, assign_owners, matrix_layout, uses_muon
+
+    names = {param: name for chunk in model_chunks for name, param in chunk.named_parameters()}
+    o_groups_local = cfg.model.o_groups // cfg.parallel.tp
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if sub.optimizer is None:  # no parameters on this rank
+            continue
+        main_to_model = _main_to_model(sub)
+        layouts, replicas = {}, []
+        for group in sub.optimizer.param_groups:
+            for main in group["params"]:
+                model_param = main_to_model.get(main, main)
+                name = names[model_param]
+                if uses_muon(name, model_param):
+                    layouts[main] = matrix_layout(name, model_param, o_groups_local=o_groups_local)
+                replicas.append((main, _data_parallel_group(model_param)))
+        owners = assign_owners(replicas) if cfg.parallel.distributed_optimizer else None
+        o = cfg.optim
+        sub.optimizer = MuonWithAdamW(
+            sub.optimizer.param_groups, layouts, lr=o.lr, weight_decay=o.weight_decay,
+            betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, momentum=o.muon_momentum,
+            ns_dtype=NS_DTYPES[o.muon_ns_dtype], owners=owners,
+        )
+        sub.init_state_fn = lambda inner, config=None: inner.init_state()
+
+
 def build_optimizer(
     model_chunks: List[torch.nn.Module],
     *,
@@ -54,9 +107,11 @@ def build_optimizer(
         clip_grad=optim.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=parallel.distributed_optimizer,
+        use_distributed_optimizer=distributed_optimizer_on(cfg),
     )
     optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=_param_groups(config))
+    if optim.optimizer == "muon":
+        _install_muon(optimizer, model_chunks, cfg)
     style = _DECAY_STYLES[optim.decay_style]
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -45,6 +45,9 @@ CASES = [
     (["model.hidden_size=0"], 1, "model.hidden_size=0"),
     (["train.precision=fp16"], 1, "train.precision='fp16'"),
     (["optim.decay_style=step"], 1, "optim.decay_style='step'"),
+    (["optim.optimizer=lion"], 1, "optim.optimizer='lion' is not allowed; use one of adamw, muon."),
+    (["optim.muon_ns_dtype=fp16"], 1, "optim.muon_ns_dtype='fp16' is not allowed; use one of fp32, bf16."),
+    (["optim.muon_momentum=1.0"], 1, "optim.muon_momentum=1.0 must be in [0, 1)."),
     (["optim.warmup_steps=500"], 1, "optim.warmup_steps=500"),
     (["optim.lr=1e-5", "optim.min_lr=1e-4"], 1, "below optim.min_lr"),
     (["parallel.moe_dispatcher=deepep"], 1, "parallel.moe_dispatcher='deepep'"),
@@ -76,6 +79,7 @@ def test_sound_configs_pass():
     validate(compose(["parallel.tp=2", "parallel.sp=true"]), world_size=2)
     validate(compose(["parallel.ep=2", "parallel.etp=1"]), world_size=2)
     validate(compose(["train.seq_length=61"]), world_size=1)  # trailing tokens are not compressed
+    validate(compose(["optim=muon_flash", "train.max_steps=3000"]), world_size=1)
 
 
 def test_plan_only_needs_no_data_paths():

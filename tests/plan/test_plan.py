@@ -74,3 +74,22 @@ def test_tiny_plan_and_write(tmp_path):
     path = write_plan(plan, tmp_path / "plan.json")
     assert json.loads(path.read_text())["params_total"] == plan["params_total"]
     assert "params" in format_plan(plan)
+
+
+def test_muon_plan_accounts_its_state_and_newton_schulz(flash):
+    # The recipes train with Muon (optim/muon_flash): one momentum instead of two moments per matrix.
+    adamw = make_plan(compose(["conf=flash_pretrain", "optim=v4_flash"]))
+    assert flash["optimizer"] == "muon" and adamw["optimizer"] == "adamw"
+    for muon_rank, adamw_rank in zip(flash["memory_per_rank"]["full"], adamw["memory_per_rank"]["full"]):
+        assert muon_rank["optimizer_gib"] < adamw_rank["optimizer_gib"]
+    # Newton-Schulz is a small fraction of the model's FLOPs at 75.5M tokens per step (measured 0.43%).
+    assert 0 < flash["newton_schulz_flops_per_step"] < 0.01 * flash["flops_per_step"]
+    assert adamw["newton_schulz_flops_per_step"] == 0 and "Newton-Schulz" in format_plan(flash)
+
+
+def test_newton_schulz_flops_of_one_matrix():
+    # 10 iterations on [64, 256] (or its transpose): X Xᵀ 2*64²*256, its square 2*64³, times X 2*64²*256.
+    from dsv4_train.plan.muon import matrix_flops
+
+    expected = 10 * (2 * 64**2 * 256 + 2 * 64**3 + 2 * 64**2 * 256)
+    assert matrix_flops(64, 256) == matrix_flops(256, 64) == expected

@@ -3,23 +3,12 @@
 import torch
 
 from dsv4_train.train.muon_math import hybrid_newton_schulz, muon_matrix_step
+from tests.train.muon_reference import paper_orthogonal_update
 
 
 def _paper_step(w, g, m, lr, wd):
-    # Written out from the paper's Algorithm 1 without the module's helpers (no transpose trick).
     m = 0.95 * m + g
-    x = 0.95 * m + g
-    x = x / x.norm()
-    for i in range(10):
-        a, b, c = (3.4445, -4.7750, 2.0315) if i < 8 else (2.0, -1.5, 0.5)
-        if x.shape[0] <= x.shape[1]:
-            s = x @ x.T
-            x = a * x + b * s @ x + c * s @ s @ x
-        else:  # same polynomial from the right: X (a + b XᵀX + c (XᵀX)²)
-            s = x.T @ x
-            x = a * x + b * x @ s + c * x @ s @ s
-    o = x * max(w.shape) ** 0.5 * 0.18
-    return w * (1 - lr * wd) - lr * o, m
+    return w * (1 - lr * wd) - lr * paper_orthogonal_update(0.95 * m + g), m
 
 
 def test_step_matches_paper_formula_fp32():
