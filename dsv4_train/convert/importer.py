@@ -12,6 +12,7 @@ time, which is only then read from the safetensors shards, dequantised, cast and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +40,9 @@ def build_meta_model(model_cfg, *, dtype: str):
     from dsv4_train.model.precision import release_fp32_tensors
     from dsv4_train.model.transformer_config import build_transformer_config
 
+    # Per-expert modules: the same checkpoint keys as grouped experts (model/grouped_checkpoint.py),
+    # with one sharded entry per expert, which is what the conversion walks.
+    model_cfg = dataclasses.replace(model_cfg, moe_expert_compute="sequential")
     config = build_transformer_config(model_cfg=model_cfg, precision="fp32")
     with torch.device("meta"):
         model = build_model(model_cfg=model_cfg, transformer_config=config)
