@@ -375,6 +375,18 @@ def _check_hash_table(name: str, table: torch.Tensor, *, vocab: int, experts: in
         )
 
 
+def mapping_problems(*, unmapped: List[str], missing: List[str], unknown: List[str], mismatched: List[str],
+                     limit: Optional[int] = None) -> List[str]:
+    """How a checkpoint fails to fit the model, one phrase per kind (at most `limit` names each)."""
+    def names(items):
+        items = sorted(items)
+        return items if limit is None or len(items) <= limit else items[:limit] + ["..."]
+
+    kinds = [("model tensors without a checkpoint mapping (bridge bug)", unmapped), ("missing in the checkpoint", missing),
+             ("in the checkpoint but unused by the model", unknown), ("shape mismatches", mismatched)]
+    return [f"{label}: {names(items)}" for label, items in kinds if items]
+
+
 def load_state_into(model, tensors: Dict[str, torch.Tensor]) -> dict:
     """Copy native-named `tensors` into `model`; returns the import report."""
     cfg = model.model_cfg
@@ -400,15 +412,7 @@ def load_state_into(model, tensors: Dict[str, torch.Tensor]) -> dict:
             _check_hash_table(sources[0], value, vocab=cfg.vocab_size, experts=cfg.num_routed_experts, topk=cfg.num_experts_per_tok)
         new_state[name] = value.to(current.dtype)
     unknown = sorted(set(tensors) - used - set(mtp_missing))
-    problems = []
-    if unmapped:
-        problems.append(f"model tensors without a checkpoint mapping (bridge bug): {unmapped}")
-    if missing:
-        problems.append(f"missing in the checkpoint: {sorted(missing)}")
-    if unknown:
-        problems.append(f"in the checkpoint but unused by the model: {unknown}")
-    if mismatched:
-        problems.append(f"shape mismatches: {mismatched}")
+    problems = mapping_problems(unmapped=unmapped, missing=missing, unknown=unknown, mismatched=mismatched)
     if problems:
         raise ValueError("Cannot import the checkpoint into DSV4Model. " + " | ".join(problems))
     result = model.load_state_dict(new_state, strict=False)

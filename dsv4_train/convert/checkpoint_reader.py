@@ -83,10 +83,11 @@ class CheckpointTensors:
     def _leaves(self, name: str) -> list:
         from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
+        from dsv4_train.checkpoint.io import _sharded_leaves
+
         entry = self.entries[name]
         built = entry.build() if isinstance(entry, ShardedTensorFactory) else entry
-        leaves = list(built.values()) if isinstance(built, dict) else (list(built) if isinstance(built, (list, tuple)) else [built])
-        return sorted(leaves, key=lambda leaf: tuple(leaf.global_offset))
+        return sorted(_sharded_leaves(built), key=lambda leaf: tuple(leaf.global_offset))
 
     def read(self, name: str) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp

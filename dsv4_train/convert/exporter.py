@@ -17,6 +17,7 @@ so memory holds one model tensor and its re-quantised form.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,14 +29,13 @@ import torch
 from dsv4_train.bridge.hf import hf_config_from_model, hf_name, native_sources
 from dsv4_train.bridge.release_format import quantize_fp4, quantize_fp8, scale_exponents
 from dsv4_train.convert.checkpoint_reader import CheckpointTensors
-from dsv4_train.convert.importer import ConvertError, Progress
+from dsv4_train.convert.importer import STORAGE_DTYPES, ConvertError, Progress
 from dsv4_train.convert.safetensors_io import plan_shards, write_index, write_shard
 from dsv4_train.convert.source import SourceCheckpoint
 
 FP8_LINEARS = re.compile(r"(^|\.)(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
                          r"e_proj|h_proj)\.weight$")
 ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
-FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def plan_outputs(reader: CheckpointTensors, *, fmt: str, dtype: str, experts: Op
                  scale_format: str) -> List[Output]:
     from dsv4_train.model.precision import release_fp32_tensors
 
-    plain_dtype = FLOAT_DTYPES.get(dtype, torch.bfloat16)
+    plain_dtype = STORAGE_DTYPES.get(dtype, torch.bfloat16)  # fp8: what the release keeps unquantised is bf16
     release_fp32 = {name for name, _ in release_fp32_tensors(reader.model)}
     outputs = []
     for name in reader.names():
@@ -184,7 +184,7 @@ def export_checkpoint(ckpt: str, out: str, *, fmt: str = "hf", dtype: str = "bf1
                          like=SourceCheckpoint(like) if like else None)
     progress = Progress("convert export", enabled=rank == 0 and progress_every > 0, every=progress_every)
     mine = [i for i in range(len(shards)) if i % world == rank]
-    progress.start(sum(dtype_.itemsize * _numel(shape) for i in mine for _, dtype_, shape in shards[i]))
+    progress.start(sum(dtype_.itemsize * math.prod(shape) for i in mine for _, dtype_, shape in shards[i]))
     try:
         for index in mine:
             def produce(name):
@@ -217,9 +217,3 @@ def export_checkpoint(ckpt: str, out: str, *, fmt: str = "hf", dtype: str = "bf1
     return {"tensors": len(outputs), "shards": len(shards), "rank_bytes": producer.done_bytes,
             "seconds": progress.elapsed, "mtp": any(o.source.startswith("mtp.") for o in outputs)}
 
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from dsv4_train.bridge.hf import mapping_problems
 from dsv4_train.convert.source import SourceCheckpoint
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -78,15 +79,7 @@ def match_source(model, source: SourceCheckpoint) -> Tuple[Dict[str, List[str]],
         plan[name] = sources
     used = {s for sources in plan.values() for s in sources}
     unknown = sorted(set(source.tensors) - used - set(mtp_missing))
-    problems = []
-    if unmapped:
-        problems.append(f"model tensors without a checkpoint mapping (bridge bug): {unmapped[:5]}")
-    if missing:
-        problems.append(f"missing in the checkpoint: {sorted(missing)[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unknown:
-        problems.append(f"in the checkpoint but unused by the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    if mismatched:
-        problems.append(f"shape mismatches: {mismatched[:5]}")
+    problems = mapping_problems(unmapped=unmapped, missing=missing, unknown=unknown, mismatched=mismatched, limit=5)
     if problems:
         raise ConvertError(f"{source.directory} does not fit the model its config.json describes: " + " | ".join(problems))
     mtp_partial = mtp_missing and any(n.startswith("mtp.") for n in plan)
@@ -108,28 +101,19 @@ def _assign_owners(shards: list, world: int) -> Dict[Tuple[str, tuple], int]:
     return owners
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _leaves(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _leaves(value)
-    else:
-        yield tree
-
-
 class _Materializer:
     """Builds the data of one write request: (sharded key, prepended offsets) -> our tensor name."""
 
-    def __init__(self, sharded_model: dict, plan: Dict[str, List[str]], source: SourceCheckpoint, mtp_skipped: bool):
+    def __init__(self, sharded_model: dict, plan: Dict[str, List[str]], source: SourceCheckpoint):
         from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+        from dsv4_train.checkpoint.io import _sharded_leaves
 
         self.source, self.plan = source, plan
         self.where: Dict[Tuple[str, tuple], Tuple[str, int]] = {}
         for name, value in sharded_model.items():
             built = value.build() if isinstance(value, ShardedTensorFactory) else value
-            for leaf in _leaves(built):
+            for leaf in _sharded_leaves(built):
                 if isinstance(leaf, ShardedTensor):
                     prepend = leaf.prepend_axis_num
                     self.where[(leaf.key, tuple(leaf.global_offset[:prepend]))] = (name, prepend)
@@ -202,17 +186,17 @@ def write_model_checkpoint(model, plan, source: SourceCheckpoint, directory: str
         mcore_to_pyt_state_dict,
     )
 
-    from dsv4_train.checkpoint.io import TrainState, _sharded_state_dict
+    from dsv4_train.checkpoint.io import TrainState, _sharded_leaves, _sharded_state_dict
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sharded = _sharded_state_dict([model], None, None, TrainState(), is_loading=False)
     if mtp_skipped:
         sharded["model"] = {k: v for k, v in sharded["model"].items() if not k.startswith("mtp.")}
-    materialize = _Materializer(sharded["model"], plan, source, mtp_skipped)
+    materialize = _Materializer(sharded["model"], plan, source)
     sharded_part, common = save_preprocess(sharded, validate_access_integrity=False)
-    tensors = [leaf for leaf in _leaves(sharded_part) if isinstance(leaf, ShardedTensor)]
+    tensors = [leaf for leaf in _sharded_leaves(sharded_part) if isinstance(leaf, ShardedTensor)]
     owners = _assign_owners(tensors, world)
-    for leaf in _leaves(sharded_part):
+    for leaf in _sharded_leaves(sharded_part):
         if isinstance(leaf, ShardedTensor):
             leaf.replica_id = 0 if owners[(leaf.key, tuple(leaf.global_offset))] == rank else 1
         elif isinstance(leaf, ShardedObject):

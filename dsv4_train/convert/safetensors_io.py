@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -65,10 +66,7 @@ def read_header(path: str) -> Dict[str, TensorInfo]:
                              f"(known: {sorted(DTYPES)}).")
         begin, end = entry["data_offsets"]
         info = TensorInfo(path, start + begin, start + end, DTYPES[entry["dtype"]], tuple(entry["shape"]))
-        numel = 1
-        for dim in info.shape:
-            numel *= dim
-        if info.end > size or info.nbytes != numel * info.dtype.itemsize:
+        if info.end > size or info.nbytes != math.prod(info.shape) * info.dtype.itemsize:
             raise ValueError(f"{path}: tensor {name} {list(info.shape)} {entry['dtype']} does not fit its byte range "
                              f"[{begin}, {end}) (file truncated or damaged?).")
         infos[name] = info
@@ -122,10 +120,7 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
 def _header_bytes(entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]]) -> Tuple[bytes, List[int]]:
     header, offsets, position = {}, [], 0
     for name, dtype, shape in entries:
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [position, position + nbytes]}
         offsets.append(nbytes)
         position += nbytes
@@ -141,10 +136,7 @@ def plan_shards(entries: Sequence[Tuple[str, torch.dtype, Tuple[int, ...]]], max
     shards: List[list] = [[]]
     used = 0
     for entry in entries:
-        numel = 1
-        for dim in entry[2]:
-            numel *= dim
-        nbytes = numel * entry[1].itemsize
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
         if shards[-1] and used + nbytes > max_shard_bytes:
             shards.append([])
             used = 0
@@ -175,10 +167,7 @@ def write_index(directory: str, shard_entries: Iterable[Tuple[str, Sequence[Tupl
     weight_map, total = {}, 0
     for file_name, entries in shard_entries:
         for name, dtype, shape in entries:
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            total += numel * dtype.itemsize
+            total += math.prod(shape) * dtype.itemsize
             weight_map[name] = file_name
     with open(os.path.join(directory, INDEX_FILE), "w") as handle:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
