@@ -62,7 +62,7 @@ def main() -> None:
     from dsv4_train.runtime import cpu_compat
     from tests.bridge.hf_oracle import CASES, build_hf, input_ids, save_hf
 
-    case = CASES[0]  # the tiny default config (spec §14)
+    case = CASES[0]  # the tiny default config (conf/model/tiny.yaml)
     hf = build_hf(case).train()
     directory = save_hf(hf, tempfile.mkdtemp(prefix="bench_v4_"))
     ours_lm = load_hf(directory).eval()

@@ -37,7 +37,7 @@ if [ -n "$extras" ]; then
 else
   pip_install -e .
 fi
-# Transformer Engine breaks `import megatron.core` on machines without CUDA (megatron_core_cpu.md §1).
+# Transformer Engine breaks `import megatron.core` on machines without CUDA (it loads CUDA libraries at import).
 if ! command -v nvidia-smi >/dev/null 2>&1 && python -m pip show transformer-engine >/dev/null 2>&1; then
   python -m pip uninstall -y -q transformer-engine transformer_engine_cu13 || true
 fi

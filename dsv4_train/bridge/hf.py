@@ -74,7 +74,7 @@ def _compress_ratios(raw: dict, num_layers: int, mtp_layers: int) -> List[int]:
         raise ValueError(f"config.json gives {len(ratios)} attention types for {num_layers} layers.")
     main = ratios[:num_layers]
     extra = ratios[num_layers:]
-    # The MTP blocks are pure sliding-window (spec §9); the official config lists them explicitly.
+    # The MTP blocks are pure sliding-window (paper §2.1, §4.2.2); the official config lists them explicitly.
     mtp = (extra + [0] * mtp_layers)[:mtp_layers]
     return main + mtp
 

@@ -13,7 +13,7 @@ directory, and replaces `latest` (write to a temp file + os.replace). A crash at
 the previous checkpoint loadable, and `latest` never names a directory that is not complete.
 
 Megatron-Core 0.19.2's DistributedOptimizer on the torch.optim fallback path has three resume bugs
-(`megatron_core_cpu.md` #31); `_prepare_optimizer_for_load` and `_set_adam_step` below are our
+(tests/parallel/test_cross_layout_resume.py); `_prepare_optimizer_for_load` and `_set_adam_step` below are our
 fixes, applied on every device.
 
 Optimizer state is saved in a layout-independent per-parameter form (`OPTIMIZER_LAYOUT`): one
@@ -22,7 +22,7 @@ taken from each sub-optimizer's `fully_reshardable` state and merged into ONE fl
 single Adam step count. Megatron's own `ChainedOptimizer` format prefixes keys with the index of the
 sub-optimizer (`chained_1.`), and the number of sub-optimizers depends on the layout (one with EP=1,
 dense + expert with EP>1), so its checkpoints do not load across EP=1 <-> EP>1
-(`megatron_core_cpu.md` #32). At load, each sub-optimizer of the new layout asks for its own
+(tests/parallel/test_cross_layout_resume.py). At load, each sub-optimizer of the new layout asks for its own
 parameters by these keys; hyper-parameters come from the run's config and the scheduler state.
 """
 
@@ -476,7 +476,7 @@ def _adam_step(optimizer) -> Optional[int]:
 def _set_adam_step(optimizer, step: int) -> None:
     """One `step` tensor PER parameter: Megatron's DistributedOptimizer.load_state_dict shares one
     tensor between all parameters, and torch AdamW increments it in place once per parameter
-    (`megatron_core_cpu.md` #31c)."""
+    (so Adam's bias correction would run ahead after a resume)."""
     for sub in _sub_optimizers(optimizer):
         inner = getattr(sub, "optimizer", sub)
         for param_state in inner.state.values():

@@ -3,7 +3,7 @@
 1. DistributedOptimizer resume:
 `_set_main_param_and_optimizer_states` (used when loading the `fully_reshardable` format) copies
 every tensor of the inner optimizer's per-param state from the checkpoint, including torch AdamW's
-`step`, which that format does not store: `KeyError: 'step'` (megatron_core_cpu.md #31b). The step
+`step`, which that format does not store: `KeyError: 'step'`. The step
 count is restored separately from the param groups, so a state key missing from the checkpoint is
 skipped here. Only the non-precision-aware branch is replaced; the other branch is untouched.
 

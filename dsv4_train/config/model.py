@@ -29,7 +29,7 @@ class YarnConfig:
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V4 hyper-parameters (spec §1). Defaults are the released Flash values."""
+    """DeepSeek-V4 hyper-parameters (paper §4.2.1). Defaults are the released Flash values."""
 
     name: str = "flash"
     vocab_size: int = 129280

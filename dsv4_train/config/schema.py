@@ -89,7 +89,7 @@ class OptimConfig:
 
 @dataclass
 class StageConfig:
-    """One stage of a staged schedule (spec §10.3: 4K -> 16K -> 64K, indexer dense -> warm-up -> sparse).
+    """One stage of a staged schedule (paper §4.2: 4K -> 16K -> 64K, indexer dense -> warm-up -> sparse).
 
     A stage begins after `start_step` optimizer steps (its first step is start_step + 1); a field left
     null keeps the previous stage's value (the first stage's: the top-level train/model keys)."""

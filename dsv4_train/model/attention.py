@@ -1,4 +1,4 @@
-"""DeepSeek-V4 hybrid attention (spec §3): one Megatron-Core module, three modes by compress ratio.
+"""DeepSeek-V4 hybrid attention (paper §2.3): one Megatron-Core module, three modes by compress ratio.
 
 * ratio 0 (sliding window): each query attends to the `sliding_window` most recent tokens,
   itself included.
@@ -154,7 +154,7 @@ class HybridAttention(MegatronModule):
         self.head_dim = model_cfg.head_dim
         self.window = model_cfg.sliding_window
         self.eps = model_cfg.rms_norm_eps
-        self.scale = self.head_dim**-0.5  # no YaRN mscale (spec §8)
+        self.scale = self.head_dim**-0.5  # no YaRN mscale (paper §2.3)
         self.rotary = layer_rotary(model_cfg, layer_index)
         self.backend_choice = model_cfg.attention_backend
         resolve_backend(self.backend_choice, torch.device("cpu"))  # refuse an unknown name at build

@@ -1,4 +1,4 @@
-"""One V4 transformer block (spec §2): mHC-wrapped, pre-norm attention and MoE sub-layers.
+"""One V4 transformer block (paper §2): mHC-wrapped, pre-norm attention and MoE sub-layers.
 
 Megatron's `TransformerLayer` assumes a [s, b, d] residual; V4's residual is `hc_mult` streams
 [s, b, n, d] mixed by mHC, so the block is ours, built from Megatron parts (`MoELayer`) plus the

@@ -1,4 +1,4 @@
-"""Learned token-level KV compressor of CSA / HCA layers (spec §3.3), written by hand (V4-only).
+"""Learned token-level KV compressor of CSA / HCA layers (paper §2.3), written by hand (V4-only).
 
 One compressed entry per complete block of `ratio` tokens: a per-channel softmax over the block's
 gate logits (plus a learned positional bias `ape`) mixes the block's projected values. For ratio 4

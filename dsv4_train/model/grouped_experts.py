@@ -3,7 +3,7 @@ grouped`, the default).
 
     tokens sorted by local expert (the dispatcher's order), rows per expert [E]
     -> torch._grouped_mm with the stacked fc1 [E, 2f, d]      (offsets = cumulative rows, int32)
-    -> clamped SwiGLU x routing prob, one autograd node (model/swiglu.py, spec §7)
+    -> clamped SwiGLU x routing prob, one autograd node (model/swiglu.py, paper §2.1, §4.2.3)
     -> torch._grouped_mm with the stacked fc2 [E, d, f]       -> [tokens, d]
 
 No per-expert Python loop, no host sync (the offsets stay on the device), no re-stacking: the

@@ -1,11 +1,11 @@
-"""Lightning indexer of CSA layers (spec §4) and its KL training loss, written by hand (V4-only).
+"""Lightning indexer of CSA layers (paper §2.3) and its KL training loss, written by hand (V4-only).
 
 Scores `I[t, s] = sum_h w[t, h] * ReLU(qI[t, h] . KI[s])` with `w = weights_proj(x) * cI^-1/2 * nI^-1/2`,
 `qI = wq_b(c_q)` (RoPE on the last `rope_dim` channels at the query position) and `KI` from the
 indexer's own overlapping ratio-4 compressor (dim `index_head_dim`). Invisible entries
 (`s >= floor((t+1)/4)`) score -inf; the top `index_topk` visible entries are selected.
 
-Training (spec §4, [V32]/[MCORE] recipe): the indexer sees detached inputs (`x`, `c_q`), so it learns
+Training (paper §2.3; the DeepSeek-V3.2 report's DSA recipe): the indexer sees detached inputs (`x`, `c_q`), so it learns
 only from its KL loss and the backbone never receives gradient from it. The target is the main
 attention's (detached) joint-softmax probability mass on each compressed entry, summed over heads and
 L1-renormalised over the support; the prediction is `softmax(I)` over the same support. Support =
@@ -16,7 +16,7 @@ Tensor parallel: indexer heads are split across TP ranks (`wq_b`, `weights_proj`
 per-rank partial scores are summed with `reduce_from_tensor_model_parallel_region`. The compressor
 is replicated; its output passes `copy_to_tensor_model_parallel_region` so it receives the gradient
 of every rank's heads. Hadamard rotation and FP4 fake-quantisation of the official code are omitted
-(spec §13.10: orthonormal on both sides, quantisation-only).
+(orthonormal on both sides, so it only matters for quantisation).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Manifold-constrained hyper-connections (mHC, spec §5): V4's replacement of the residual stream.
+"""Manifold-constrained hyper-connections (mHC, paper §2.2): V4's replacement of the residual stream.
 
 Megatron-Core 0.19.2 has no mHC, so this is hand-written. The residual is `hc_mult` streams,
 laid out Megatron-style as [s, b, n_hc, d]. Each wrapped sub-layer owns one `HyperConnection`
 (`hc_fn` [(2+n)n, n*d], `hc_base` [(2+n)n], `hc_scale` [3]); the model end owns a `HyperHead`.
 All mHC arithmetic runs in fp32 (as in the official code) and results are cast back.
 
-Formulas follow the official kernel order (spec §5.2, §13.1): `pre = sigmoid(.) + eps`,
+Formulas follow the official kernel order (paper §2.2): `pre = sigmoid(.) + eps`,
 `post = 2 * sigmoid(.)` (no eps), `comb` = row softmax + eps, a column normalisation, then
 (t_max - 1) x (row, column) normalisations, ending with a column normalisation.
 """
@@ -143,7 +143,7 @@ class HyperConnection(MegatronModule):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """From-scratch init (spec §5.5, our choice where the paper is silent): small alpha = 0.01
+        """From-scratch init (paper §2.2, our choice where the paper is silent): small alpha = 0.01
         ([MHC]); pre ~ 1/n, post = 1, comb ~ identity (diagonal +4 before Sinkhorn)."""
         n = self.hc_mult
         self.fn.normal_(0.0, self.config.init_method_std)
@@ -185,7 +185,7 @@ class HyperConnection(MegatronModule):
 
 
 class HyperHead(MegatronModule):
-    """Final stream contraction (spec §5.4): y = sum_i (sigmoid(scale*mix_i + base_i) + eps) X_i."""
+    """Final stream contraction (paper §2.2): y = sum_i (sigmoid(scale*mix_i + base_i) + eps) X_i."""
 
     def __init__(self, *, config, hc_mult: int, hc_eps: float, norm_eps: float):
         super().__init__(config=config)

@@ -1,4 +1,4 @@
-"""The full DeepSeek-V4 language model on Megatron-Core's `LanguageModule` (spec §2, §9).
+"""The full DeepSeek-V4 language model on Megatron-Core's `LanguageModule` (paper §2, §2.1).
 
 From Megatron-Core: `LanguageModule` (embedding/output-layer setup, duplicated embedding on the MTP
 stage kept in sync through the embedding group, vocab-parallel cross-entropy),
@@ -84,7 +84,7 @@ class DSV4Model(LanguageModule):
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         self.pre_process = pre_process
         self.post_process = post_process
-        self.share_embeddings_and_output_weights = False  # V4: untied (spec §1.1)
+        self.share_embeddings_and_output_weights = False  # V4: untied (the released config.json, paper §4.2.1)
         self.vocab_size = model_cfg.vocab_size
         self.hc_mult = model_cfg.hc_mult
         self.mtp_process = post_process and bool(mtp_layers)
@@ -135,7 +135,7 @@ class DSV4Model(LanguageModule):
     track_mtp_in_eval = False  # set by train/evaluate.py while it evaluates (val_mtp_loss)
 
     def set_mtp_loss_weight(self, weight: float) -> None:
-        """MTP loss weight lambda (0.3, then 0.1 from the start of LR decay, spec §9)."""
+        """MTP loss weight lambda (0.3, then 0.1 from the start of LR decay, paper §2.1, §4.2.2)."""
         self.config.mtp_loss_scaling_factor = float(weight)
 
     @property

@@ -1,4 +1,4 @@
-"""V4 MoE sub-layer (spec §6-7) on Megatron-Core's `MoELayer`.
+"""V4 MoE sub-layer (paper §2.1, §4.2.1) on Megatron-Core's `MoELayer`.
 
 Megatron parts used as they are: `MoELayer` (token dispatcher, EP-ready), routed experts as
 `GroupedExperts` (model/grouped_experts.py: stacked weights, grouped GEMMs; the default),

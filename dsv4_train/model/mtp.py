@@ -1,4 +1,4 @@
-"""V4 multi-token prediction layer (spec §9).
+"""V4 multi-token prediction layer (paper §2.1, §4.2.2).
 
 Megatron-Core 0.19.2's `MultiTokenPredictionLayer` fuses `eh_proj` over a [s, b, d] residual; V4
 needs separate `e_proj` / `h_proj`, mHC streams, its own block and its own `hc_head`, so the layer

@@ -1,11 +1,11 @@
-"""Interleaved partial RoPE with per-layer YaRN tables (spec §8).
+"""Interleaved partial RoPE with per-layer YaRN tables (paper §2.3).
 
 V4 rotates the **last** `qk_rope_head_dim` channels of queries, window KV, compressed KV and indexer
 queries/keys, pairing channels (2i, 2i+1) as one complex number (the interleaved convention the
 released checkpoints use; Megatron-Core's RoPE is rotate-half, hence this module). The attention
 output is de-rotated with the conjugate rotation at the query position.
 
-Per-layer table (spec §8, pitfall §13.3): a layer with compress ratio 0 (including the MTP block,
+Per-layer table (paper §2.3): a layer with compress ratio 0 (including the MTP block,
 whose ratio entry is 0) uses `rope_theta` without YaRN; a layer with ratio > 0 uses
 `compress_rope_theta` with YaRN for *all* of its rotations (window branch, compressor, indexer).
 No YaRN attention temperature (mscale) is applied anywhere.

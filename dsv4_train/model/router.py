@@ -1,4 +1,4 @@
-"""V4 routers (spec §6-7).
+"""V4 routers (paper §2.1, §4.2.1).
 
 * Scored layers use Megatron-Core's `TopKRouter` (only its same-dtype gate call is made plain):
   sqrtsoftplus scores, the expert bias used for selection only, normalised top-k weights times

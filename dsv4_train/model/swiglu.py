@@ -1,4 +1,4 @@
-"""V4's clamped SwiGLU (spec §7) with the routing weight folded in, as one autograd node: the gate
+"""V4's clamped SwiGLU (paper §2.1, §4.2.3) with the routing weight folded in, as one autograd node: the gate
 is clamped to <= limit, the linear half to [-limit, limit] (Megatron-Core's
 `activation_func_clamp_value` / `glu_linear_offset`, `transformer/mlp.py`).
 

@@ -4,7 +4,7 @@ Everything Megatron-Core parts read (MoE router/experts, embedding, output layer
 schedule's aux/MTP loss scaling) comes from this one object. V4 values that Megatron has a field for
 are mapped onto that field; V4-only values stay in `ModelConfig` and are read by our modules.
 
-Notes on the mapping (spec §7, §9):
+Notes on the mapping (paper §2.1):
 * SwiGLU clamp: Megatron's `activation_func_clamp_value` clamps the gate (max=L) and the linear half
   (-L..L) in the unfused GLU path only, hence `bias_activation_fusion=False`.
 * `moe_router_topk_scaling_factor` = `routed_scaling_factor`; sqrtsoftplus + expert bias = noaux_tc.
@@ -62,7 +62,7 @@ def build_transformer_config(
     if model_cfg.score_function != "sqrtsoftplus":
         raise ValueError(
             f"model.score_function={model_cfg.score_function!r}: DeepSeek-V4 routes with 'sqrtsoftplus' "
-            "(spec §7); set model.score_function=sqrtsoftplus."
+            "(paper §2.1, §4.2.3); set model.score_function=sqrtsoftplus."
         )
     if not model_cfg.norm_topk_prob or model_cfg.num_experts_per_tok < 2:
         # Megatron normalises the selected scores only for top-k > 1 (moe_utils.topk_routing_...).
@@ -104,7 +104,7 @@ def build_transformer_config(
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # SwiGLU with V4's clamp (spec §7), unfused so the clamp is applied.
+        # SwiGLU with V4's clamp (paper §2.1, §4.2.3), unfused so the clamp is applied.
         gated_linear_unit=True,
         activation_func=F.silu,
         activation_func_clamp_value=model_cfg.swiglu_limit,
@@ -116,7 +116,7 @@ def build_transformer_config(
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
         calculate_per_token_loss=calculate_per_token_loss,
-        # MoE (spec §6-7).
+        # MoE (paper §2.1, §4.2.1).
         num_moe_experts=model_cfg.num_routed_experts,
         moe_ffn_hidden_size=model_cfg.moe_intermediate_size,
         moe_shared_expert_intermediate_size=(
@@ -135,7 +135,7 @@ def build_transformer_config(
         moe_token_dispatcher_type=moe_dispatcher,
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
-        # MTP (spec §9); the weight is switched at run time by DSV4Model.set_mtp_loss_weight.
+        # MTP (paper §2.1, §4.2.2); the weight is switched at run time by DSV4Model.set_mtp_loss_weight.
         mtp_num_layers=mtp_layers,
         mtp_loss_scaling_factor=model_cfg.mtp_loss_weight,
     )

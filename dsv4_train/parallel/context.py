@@ -1,8 +1,8 @@
-"""Context parallelism (CP) for the V4 model: contiguous sequence slices (spec §11).
+"""Context parallelism (CP) for the V4 model: contiguous sequence slices (paper §3.4.3).
 
 Each CP rank holds ONE contiguous slice of every sequence: rank r owns tokens
 [r*L, (r+1)*L) with L = seq_length / cp. This is not Megatron's zigzag split: V4's sliding window
-and compressor work on contiguous runs of tokens, and the paper's CP (spec §11) is contiguous too.
+and compressor work on contiguous runs of tokens, and the paper's CP (paper §3.4.3) is contiguous too.
 
 Load balance: causal attention work grows with the query position only through the compressed
 entries (at most T/m per query, m = 4 or 128) and the top-k of CSA (fixed k); the sliding window is a
@@ -21,7 +21,7 @@ What crosses ranks, per attention layer (see `HybridAttention`):
 MTP shifts tokens left by one across the slice boundary (`roll_left`) instead of Megatron's
 zigzag-aware `roll_tensor`, which is what made Megatron's CP + MTP gradients inexact.
 
-Loss convention (Megatron, see megatron_core_cpu.md #23): DDP averages gradients over DP x CP, so
+Loss convention (Megatron's, see train/step.py): DDP averages gradients over DP x CP, so
 each CP rank returns `cp * local_sum / global_count`; the CP-sum of the ranks' losses divided by cp
 is the global mean.
 """

@@ -1,7 +1,7 @@
 """Model FLOPs per token of a DeepSeek-V4 model, Megatron-Bridge conventions.
 
 Same terms as Megatron-Bridge's `num_floating_point_operations` branch
-`experimental_attention_variant == "dsv4_hybrid"` (spec perf_reliability §2.1-2.3), so our
+`experimental_attention_variant == "dsv4_hybrid"`, so our
 TF/s/GPU is comparable with their published rows:
 
 * every GEMM counts 6 FLOPs per weight per token (forward, dgrad, wgrad; 2 per MAC); recompute,

@@ -2,8 +2,7 @@
 
 Megatron-Core has no CPU path upstream: it imports triton unguarded, calls
 `torch.cuda.current_device()` ~140 times, hard-codes `device="cuda"`, uses CUDA streams, a CUDA RNG
-tracker and `Tensor.type()` string checks. Each patch below removes exactly one of those obstacles
-(measured in `shared/reference/megatron_core_cpu.md` §3). The layer is applied only when CUDA is
+tracker and `Tensor.type()` string checks. Each patch below removes exactly one of those obstacles. The layer is applied only when CUDA is
 absent; on a GPU machine nothing here runs. Every patch is named in `PATCHES` and has a test in
 `tests/runtime/test_cpu_compat.py`. It patches private internals of megatron-core 0.19.2, so
 `apply()` refuses any other version.

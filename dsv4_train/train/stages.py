@@ -3,9 +3,9 @@
 The schedule itself (which stage trains which step, its sequence length, batch and data offset) is
 derived from the config (`config/derive.py::resolve_train_stages`). Here are the run-time switches:
 
-* the CSA indexer phase of every attention layer (dense -> warmup -> sparse, spec §10.3);
+* the CSA indexer phase of every attention layer (dense -> warmup -> sparse, paper §4.2);
 * the indexer warm-up freeze: only the lightning indexer trains, as in DeepSeek Sparse Attention's
-  warm-up (spec §7, "warm-up stage trains only the indexer ... all else frozen"). The frozen
+  warm-up (paper §4.2.2, "warm-up stage trains only the indexer ... all else frozen"). The frozen
   parameters are taken out of the optimizer's parameter groups for the step, so they get no update,
   no weight decay, no Adam-moment change and no share of the clipped gradient norm; the noaux_tc
   expert-bias update pauses too. Megatron-Core has no per-step freeze, hence this module.

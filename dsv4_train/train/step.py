@@ -39,7 +39,7 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, cp_group=Non
     The schedule divides the sum by the token count and the number of micro-batches, so the
     gradient is that of the mean token loss of the global batch. Under context parallelism the
     count is the micro-batch's CP-global count and the sum is scaled by cp: DDP averages gradients
-    over CP, so the ranks' shares add up to the global mean exactly (megatron_core_cpu.md #23).
+    over CP, so the ranks' shares add up to the global mean exactly.
     The report holds the unscaled local (sum, count): summed over ranks they give the global mean.
     """
     from dsv4_train.parallel.context import sum_over_group

@@ -7,7 +7,7 @@ o_groups, window, top-k and sequence length.
 
 Tolerances. Both models compute in fp32 and are mathematically identical on these configs, but not
 op-for-op: we follow the official code where it orders operations differently from transformers
-(spec §13.1: the mHC mixing matmul is applied before the weightless RMS scale, transformers
+(the mHC mixing matmul is applied before the weightless RMS scale, transformers
 normalises first), and Megatron's MoE applies routing weights before the down projection and sums
 experts in dispatch order. Each difference is a few fp32 ulps (~1e-7 relative) per op; over 3-5
 blocks of 20-step Sinkhorn, MoE and attention they accumulate to a few 1e-6 on logits of magnitude

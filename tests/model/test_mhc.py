@@ -1,4 +1,4 @@
-"""mHC properties (spec §5): Sinkhorn comb, coefficient ranges, identity-like init."""
+"""mHC properties (paper §2.2): Sinkhorn comb, coefficient ranges, identity-like init."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_sinkhorn_comb_is_doubly_stochastic():
 
 
 def test_sinkhorn_follows_official_order():
-    """One iteration = row softmax + eps, then a column normalisation (spec §5.2)."""
+    """One iteration = row softmax + eps, then a column normalisation (paper §2.2)."""
     logits = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(1))
     eps = 1e-6
     expected = torch.softmax(logits, dim=-1) + eps

@@ -1,4 +1,4 @@
-"""Routing properties (spec §6-7): hash routing by token id only, the deterministic hash table,
+"""Routing properties (paper §2.1, §4.2.1): hash routing by token id only, the deterministic hash table,
 and the expert-bias update through Megatron's finalize_model_grads."""
 
 from __future__ import annotations

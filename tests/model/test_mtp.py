@@ -1,4 +1,4 @@
-"""MTP (spec §9): the injected loss equals CE of the MTP head on tokens t+2, the MTP layer is the
+"""MTP (paper §2.1, §4.2.2): the injected loss equals CE of the MTP head on tokens t+2, the MTP layer is the
 spec's composition, and `set_mtp_loss_weight` scales its gradient at run time without touching
 the returned LM loss."""
 

@@ -1,4 +1,4 @@
-"""Interleaved RoPE + per-layer YaRN tables (spec §8)."""
+"""Interleaved RoPE + per-layer YaRN tables (paper §2.3)."""
 
 import math
 

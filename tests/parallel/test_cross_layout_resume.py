@@ -2,7 +2,7 @@
 parallel layout resumes under another, and steps 4-5 match the uninterrupted 1-process run.
 
 Megatron-Core's chained optimizer has one sub-optimizer with EP=1 and two (dense + expert) with
-EP>1, so its own optimizer checkpoints do not load across EP=1 <-> EP>1 (megatron_core_cpu.md #32);
+EP>1, so its own optimizer checkpoints do not load across EP=1 <-> EP>1;
 dsv4_train/checkpoint/io.py saves the optimizer state per parameter instead, which these tests
 exercise in both directions and together with a TP / SP / EP / DP reshard.
 
