@@ -135,7 +135,7 @@ def execute(cfg: Config, *, yaml_text: str):
     if process.rank == 0:
         lock_run_directories(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)
-    from dsv4_train.train.loop import run_training
+    from dsv4_train.train.trainer import run_training
     from dsv4_train.train.objective import record_run
 
     return record_run(cfg, lambda: run_training(cfg, derived), is_main=process.rank == 0)

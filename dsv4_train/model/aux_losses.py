@@ -43,7 +43,7 @@ def attach(output: torch.Tensor, loss: torch.Tensor, *, name: str) -> torch.Tens
 
 def drain(reset: bool = True) -> Dict[str, float]:
     """Mean recorded value per name since the last drain, on this rank (the training loop pools
-    ranks itself: train/loop.py::_collect_aux_metrics)."""
+    ranks itself: train/aux_metrics.py::collect_aux_metrics)."""
     names = sorted(_records)
     if not names:
         return {}

@@ -197,6 +197,7 @@ def test_mtp_loss_equals_a_direct_computation_from_the_release_tensors(release, 
     assert abs(ours_loss - direct_loss) <= 1e-6 * direct_loss, (ours_loss, direct_loss)
 
 
+@pytest.mark.slow
 def test_fp8_and_fp4_reexport_reproduces_the_release_bytes(release, tmp_path):
     ckpt, out = tmp_path / "ckpt_bf16", tmp_path / "official"
     _ok(convert("import", release["release"], ckpt, "--dtype", "bf16"))

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from data_helpers import VOCAB, data_config, train_config
 
 from dsv4_train.data import build_data
@@ -43,6 +45,7 @@ def _no_debris(cache: Path):
         assert (index_dir / ".complete").is_file()
 
 
+@pytest.mark.slow
 def test_independent_processes_share_a_fresh_cache(tmp_path):
     cache, out = tmp_path / "shared_cache", tmp_path / "out"
     procs = [subprocess.Popen([sys.executable, str(PROBE), "--cache", str(cache), "--out", str(out), "--tag", f"-{i}"],
@@ -67,6 +70,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_ranks_prepare_collectively_and_read_their_dp_share(tmp_path):
     cache, out = tmp_path / "shared_cache", tmp_path / "out"
     # Own process group, so that a hang (a deadlock never ends by itself) kills torchrun *and* its ranks.

@@ -5,9 +5,12 @@ checkpoint RNG state)."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import REPO, read_metrics, run_cli
 
 
+@pytest.mark.slow
 def test_run_device_cpu_ignores_an_available_gpu(tmp_path):
     fake = tmp_path / "fake_cuda"
     fake.mkdir()

@@ -20,6 +20,8 @@ from dsv4_train.plan.flops import flops_per_token
 from dsv4_train.train.telemetry import PEAK_BF16_TFLOPS, device_peak_tflops
 from tests.helpers import read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # one tiny training run shared by the module
+
 STEPS = 4
 
 
