@@ -59,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from dsv4_train.bridge import load_hf
-    from dsv4_train.runtime import cpu_compat
+    from dsv4_train.mcore import cpu_compat
     from tests.bridge.hf_oracle import CASES, build_hf, input_ids, save_hf
 
     case = CASES[0]  # the tiny default config (conf/model/tiny.yaml)

@@ -128,9 +128,9 @@ def execute(cfg: Config, *, yaml_text: str):
         for directory, key in _locked_directories(cfg):
             run_lock.check_free(directory, what=key)  # a busy run.dir is refused before slow start-up work
     if pick_device(cfg.run.device).type == "cpu":
-        from dsv4_train.runtime import cpu_compat
+        from dsv4_train import mcore
 
-        cpu_compat.apply(force=True)  # before anything imports Megatron-Core (run.device=cpu on a GPU host too)
+        mcore.apply(cpu=True)  # before anything imports Megatron-Core (run.device=cpu on a GPU host too)
     preflight_inputs(cfg)
     if process.rank == 0:
         lock_run_directories(cfg)

@@ -429,7 +429,7 @@ def load_state_into(model, tensors: Dict[str, torch.Tensor]) -> dict:
 
 
 def _ensure_runtime(seed: int) -> None:
-    from dsv4_train.runtime import cpu_compat
+    from dsv4_train.mcore import cpu_compat
 
     cpu_compat.apply()
     from megatron.core import parallel_state

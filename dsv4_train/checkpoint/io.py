@@ -139,9 +139,9 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
         sharded[key] = chunk_sd
         model_sharded.update(chunk_sd)
     if optimizer is not None:
-        from dsv4_train.checkpoint import mcore_fixes
+        from dsv4_train import mcore
 
-        mcore_fixes.apply()
+        mcore.require_applied()
         if is_loading:
             _prepare_optimizer_for_load(optimizer)
         if legacy_optimizer_format:
@@ -349,9 +349,9 @@ def _prepare_optimizer_for_load(optimizer) -> None:
     """A fresh DistributedOptimizer has no state; `state_dict()` then asserts. Allocate it first."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    from dsv4_train.checkpoint import mcore_fixes
+    from dsv4_train import mcore
 
-    mcore_fixes.apply()
+    mcore.require_applied()
 
     for sub in _sub_optimizers(optimizer):
         if isinstance(sub, DistributedOptimizer) and len(sub.optimizer.state) == 0:

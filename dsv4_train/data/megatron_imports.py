@@ -15,7 +15,7 @@ import types
 
 def megatron_datasets() -> types.SimpleNamespace:
     """The Megatron-Core dataset classes we use, imported once the runtime is CPU-safe."""
-    from dsv4_train.runtime import cpu_compat
+    from dsv4_train.mcore import cpu_compat
 
     cpu_compat.apply()
     try:

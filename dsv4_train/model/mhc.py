@@ -19,7 +19,7 @@ from typing import Tuple
 import torch
 from megatron.core.transformer.module import MegatronModule
 
-from dsv4_train.runtime import cpu_compat
+from dsv4_train.mcore.compute_context import model_compute
 
 
 def _weightless_rms_scale(flat: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,7 +102,7 @@ class _SinkhornComb(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        with cpu_compat.mode_suspended():  # ~200 small ops: the CPU layer's hook would be 1/3 of it
+        with model_compute():  # ~200 small ops: the CPU layer's hook would be 1/3 of it
             return _SinkhornComb._backward(ctx, grad)
 
     @staticmethod

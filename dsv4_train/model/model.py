@@ -52,7 +52,7 @@ from dsv4_train.model.module_list import ShardedModuleList  # keeps TP/EP shardi
 from dsv4_train.model.mtp import MTPLayer
 from dsv4_train.model.parallel_linear import ColumnParallelLinear
 from dsv4_train.parallel import context as cp_context
-from dsv4_train.runtime import cpu_compat
+from dsv4_train.mcore.compute_context import model_compute
 
 
 def pipeline_micro_batch_size(micro_batch_size: int, hc_mult: int) -> int:
@@ -169,7 +169,7 @@ class DSV4Model(LanguageModule):
         segment_ids [b, s]: packed documents (equal ids = one document, non-decreasing): each
         document attends to and is compressed within itself, RoPE restarts per document
         (model/documents.py); position_ids is then ignored."""
-        with cpu_compat.mode_suspended():  # no-op on GPU; skips the CPU layer's per-call hook
+        with model_compute():  # no-op on GPU; skips the CPU layer's per-call hook
             return self._forward(input_ids, position_ids, labels, loss_mask, segment_ids)
 
     def _forward(self, input_ids, position_ids, labels, loss_mask, segment_ids=None) -> torch.Tensor:

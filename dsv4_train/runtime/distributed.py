@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from dsv4_train.launch.env import ProcessEnv, discover
-from dsv4_train.runtime import cpu_compat
+from dsv4_train import mcore
 from dsv4_train.runtime.process import die_with_parent
 
 
@@ -58,8 +58,7 @@ def init_process_group(*, device_request: str = "auto", timeout_s: int = 600) ->
     """Initialise torch.distributed (idempotent) and return where this process runs."""
     die_with_launcher()
     device = pick_device(device_request)
-    if device.type == "cpu":
-        cpu_compat.apply(force=True)  # also on a CUDA host when run.device=cpu
+    mcore.apply(cpu=device.type == "cpu")  # the CPU layer also on a CUDA host when run.device=cpu
     process = discover()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsv4_train.config.model import ModelConfig
-from dsv4_train.runtime import cpu_compat
+from dsv4_train.mcore import cpu_compat
 
 # Test modules here import megatron.core (and dsv4_train.model.*) at module level: patch first.
 cpu_compat.apply()

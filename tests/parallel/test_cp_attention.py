@@ -43,7 +43,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    from dsv4_train.runtime import cpu_compat
+    from dsv4_train.mcore import cpu_compat
 
     cpu_compat.apply()
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)

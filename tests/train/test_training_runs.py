@@ -67,7 +67,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, extra):
     Tolerance: 1e-6 relative. Model, optimizer (incl. Adam step counts), scheduler, data position
     and RNG are restored exactly, so the only source of difference would be a restore bug.
     muon_bf16: Megatron's Float16 optimizer (fp32 main params, not distributed), which could not
-    save before checkpoint/mcore_fixes.py; Muon momentum and AdamW state resume exactly (measured 0.0).
+    save before dsv4_train/mcore/optimizer_fixes.py; Muon momentum and AdamW state resume exactly (measured 0.0).
     """
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _ok(run_cli([*COMMON, *extra, "train.max_steps=6", f"run.dir={straight}"]))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsv4_train.runtime import cpu_compat
+from dsv4_train.mcore import cpu_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the layer is applied only without CUDA")
 

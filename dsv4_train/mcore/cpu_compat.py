@@ -4,8 +4,8 @@ Megatron-Core has no CPU path upstream: it imports triton unguarded, calls
 `torch.cuda.current_device()` ~140 times, hard-codes `device="cuda"`, uses CUDA streams, a CUDA RNG
 tracker and `Tensor.type()` string checks. Each patch below removes exactly one of those obstacles. The layer is applied only when CUDA is
 absent; on a GPU machine nothing here runs. Every patch is named in `PATCHES` and has a test in
-`tests/runtime/test_cpu_compat.py`. It patches private internals of megatron-core 0.19.2, so
-`apply()` refuses any other version.
+`tests/mcore/test_cpu_compat.py`. It patches private internals of megatron-core 0.19.2, so
+`apply()` refuses any other version (dsv4_train/mcore/__init__.py::check_version).
 
 Import order: call `apply()` before the first `import megatron.core` (the triton stub must be in
 place before Megatron's import chain reaches `moe/ops/paged_stash.py`). `apply()` is idempotent.
@@ -19,10 +19,11 @@ import sys
 import types
 from typing import Callable, Dict
 
+from dsv4_train.mcore import compute_context
+
 import torch
 from torch.overrides import TorchFunctionMode
 
-SUPPORTED_MEGATRON_CORE = "0.19.2"
 
 _applied: Dict[str, bool] = {}
 _mode: "CudaToCpuMode | None" = None
@@ -189,6 +190,7 @@ def _enter_cuda_to_cpu_mode() -> None:
     global _mode
     _mode = CudaToCpuMode()
     _mode.__enter__()  # process-wide for the main thread; never exited while training
+    compute_context.set_model_compute(mode_suspended)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,15 +320,9 @@ def apply(force: bool = False) -> None:
     run.device=cpu on a machine that has CUDA."""
     if (not force and not needed()) or len(_applied) == len(PATCHES):
         return
-    from importlib.metadata import version
+    from dsv4_train.mcore import check_version
 
-    installed = version("megatron-core")
-    if installed != SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"dsv4_train's CPU compatibility layer patches megatron-core {SUPPORTED_MEGATRON_CORE} "
-            f"internals but megatron-core {installed} is installed; install "
-            f"megatron-core=={SUPPORTED_MEGATRON_CORE} (see README)."
-        )
+    check_version()  # the one version guard of the seam
     for name, patch in PATCHES.items():
         if not _applied.get(name):
             patch()

@@ -1,4 +1,5 @@
-"""Fixes for two Megatron-Core 0.19.2 optimizer checkpoint bugs (all devices, not CPU-specific).
+"""Fixes for two Megatron-Core 0.19.2 optimizer checkpoint bugs (all devices, not CPU-specific);
+applied by dsv4_train/mcore/__init__.py::apply at start-up.
 
 1. DistributedOptimizer resume:
 `_set_main_param_and_optimizer_states` (used when loading the `fully_reshardable` format) copies
@@ -97,3 +98,7 @@ def _fix_float16_optimizer_state_ids() -> None:
         return state_dict
 
     Float16OptimizerWithFloat16Params.sharded_state_dict = sharded_state_dict
+
+
+def applied() -> bool:
+    return _applied

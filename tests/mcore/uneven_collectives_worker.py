@@ -8,7 +8,7 @@ Exits non-zero on any mismatch. Exact comparisons: only copies and sums of small
 
 import torch
 
-from dsv4_train.runtime import cpu_compat
+from dsv4_train.mcore import cpu_compat
 
 cpu_compat.apply()
 torch.distributed.init_process_group("gloo")
