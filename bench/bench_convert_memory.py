@@ -1,6 +1,7 @@
 """Peak host memory and throughput of `convert import` against the checkpoint size and process count.
 
     OMP_NUM_THREADS=1 python bench/bench_convert_memory.py [--sizes-gb 2,4] [--procs 1,2] [--workdir DIR]
+        [--export] [--keep-sources]
 
 For each size a synthetic checkpoint in DeepSeek's release format is written (streamed, one tensor at
 a time): a V4 of Flash's structure at reduced width (hidden 2048, 32 experts of 1024, vocab 32768)
@@ -8,7 +9,9 @@ with as many layers as the size needs; FP8 e4m3 linears with E8M0 128x128 scales
 experts (V4-Flash-Base's format), bf16 / fp32 / int64 elsewhere as the release stores them; random
 codes (never NaN), since only bytes and shapes matter here. Each conversion (`--dtype bf16`) runs as
 the CLI does, under torchrun for several processes; the CLI's report gives each rank's peak RSS, the
-RSS it held before converting (interpreter + torch + Megatron-Core) and the largest model tensor.
+RSS it held before converting (interpreter + torch + Megatron-Core) and the largest model tensor
+(peaks are each process's own VmHWM: see dsv4_train/convert/host_memory.py). `--export` also
+exports the 1-process checkpoint (`--format hf --dtype bf16`) and reports that process's peak.
 Prints one row per (size, processes): model size, peak RSS per process, the increment over the
 floor, and GB/s of source read.
 """
@@ -146,12 +149,29 @@ def convert(src: str, out: str, procs: int) -> dict:
     return {"peaks_mib": peaks, "floor_mib": floor, "largest_mib": largest, "convert_s": seconds, "wall_s": wall}
 
 
+def export_peak(ckpt: str, out: str) -> dict:
+    """`convert export --format hf --dtype bf16` of a converted checkpoint, one process: its peak RSS."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "dsv4_train.convert", "export", ckpt, out, "--format", "hf", "--dtype", "bf16",
+               "--progress-every", "0"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"export failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("exported"))
+    return {"export_peak_mib": int(re.search(r"peak RSS per rank \[(\d+)", line)[1]),
+            "export_floor_mib": int(re.search(r"held (\d+) MiB before", line)[1]),
+            "export_s": float(re.search(r"([\d.]+) s;", line)[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes-gb", default="2,4")
     parser.add_argument("--procs", default="1,2")
     parser.add_argument("--workdir", default="/tmp/dsv4_convert_bench")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--export", action="store_true", help="also export each 1-process checkpoint (hf, bf16)")
+    parser.add_argument("--keep-sources", action="store_true",
+                        help="keep each synthetic release in WORKDIR and reuse one already there (written by this script)")
     args = parser.parse_args()
     from dsv4_train.runtime.distributed import init_single_process_for_tools
 
@@ -165,21 +185,28 @@ def main() -> None:
         tensors = native_tensors(model_cfg)
         model_bytes = release_bytes(tensors)
         src = os.path.join(args.workdir, f"release_{size:g}gb")
-        shutil.rmtree(args.workdir + f"/release_{size:g}gb", ignore_errors=True)
-        started = time.monotonic()
-        write_release(src, model_cfg, tensors)
-        print(f"wrote {src}: {layers} layers, {model_bytes / 1e9:.2f} GB in {time.monotonic() - started:.0f} s",
-              flush=True)
+        if not (args.keep_sources and os.path.isfile(os.path.join(src, "config.json"))):
+            shutil.rmtree(src, ignore_errors=True)
+            started = time.monotonic()
+            write_release(src, model_cfg, tensors)
+            print(f"wrote {src}: {layers} layers, {model_bytes / 1e9:.2f} GB in {time.monotonic() - started:.0f} s",
+                  flush=True)
         for procs in [int(p) for p in args.procs.split(",")]:
             out = os.path.join(args.workdir, f"ckpt_{size:g}gb_{procs}p")
             shutil.rmtree(out, ignore_errors=True)
             result = convert(src, out, procs)
+            if args.export and procs == 1:
+                exported = out + "_export"
+                shutil.rmtree(exported, ignore_errors=True)
+                export = export_peak(out, exported)
+                shutil.rmtree(exported, ignore_errors=True)
+                print(json.dumps({"export_of_gb": model_bytes / 1e9, **export}), flush=True)
             shutil.rmtree(out, ignore_errors=True)
             row = {"model_gb": model_bytes / 1e9, "layers": layers, "procs": procs, **result,
                    "gb_per_s": model_bytes / 1e9 / result["convert_s"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-        if not os.environ.get("KEEP_SOURCE"):
+        if not args.keep_sources:
             shutil.rmtree(src, ignore_errors=True)
     print(f"\n{'model GB':>9} {'procs':>5} {'peak RSS MiB/proc':>20} {'floor MiB':>9} {'peak-floor':>10} "
           f"{'peak/model':>10} {'largest MiB':>11} {'GB/s':>6}")

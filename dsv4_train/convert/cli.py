@@ -84,7 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if _rank() == 0:
                 print(f"exported {args.ckpt} -> {args.out} ({args.format}, {args.dtype}): {report['tensors']} tensors in "
                       f"{report['shards']} shard(s), MTP {'included' if report['mtp'] else 'not included'}, "
-                      f"{report['seconds']:.1f} s")
+                      f"{report['seconds']:.1f} s; peak RSS per rank {[round(r / 2**20) for r in report['peak_rss']]} MiB "
+                      f"(rank 0 held {report['rss_before'] / 2**20:.0f} MiB before exporting)")
         else:
             from dsv4_train.convert.verify import format_report, verify
 

@@ -29,6 +29,7 @@ import torch
 from dsv4_train.bridge.hf import hf_config_from_model, hf_name, native_sources
 from dsv4_train.bridge.release_format import quantize_fp4, quantize_fp8, scale_exponents
 from dsv4_train.convert.checkpoint_reader import CheckpointTensors
+from dsv4_train.convert.host_memory import current_rss, peak_rss_per_rank, return_freed_memory_to_the_os
 from dsv4_train.convert.importer import STORAGE_DTYPES, ConvertError, Progress
 from dsv4_train.convert.safetensors_io import plan_shards, write_index, write_shard
 from dsv4_train.convert.source import SourceCheckpoint
@@ -167,6 +168,8 @@ def export_checkpoint(ckpt: str, out: str, *, fmt: str = "hf", dtype: str = "bf1
     init_process_group(device_request="cpu")
     init_model_parallel()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return_freed_memory_to_the_os()
+    rss_before = current_rss()  # the interpreter, torch and Megatron-Core: the floor of any process
     try:
         reader = CheckpointTensors(ckpt)
     except ValueError as error:
@@ -215,5 +218,6 @@ def export_checkpoint(ckpt: str, out: str, *, fmt: str = "hf", dtype: str = "bf1
         raise
     progress.finish()
     return {"tensors": len(outputs), "shards": len(shards), "rank_bytes": producer.done_bytes,
-            "seconds": progress.elapsed, "mtp": any(o.source.startswith("mtp.") for o in outputs)}
+            "seconds": progress.elapsed, "mtp": any(o.source.startswith("mtp.") for o in outputs),
+            "peak_rss": peak_rss_per_rank(), "rss_before": rss_before}
 

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from dsv4_train.bridge.hf import mapping_problems
+from dsv4_train.convert.host_memory import current_rss, peak_rss_per_rank, return_freed_memory_to_the_os
 from dsv4_train.convert.source import SourceCheckpoint
 
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -237,34 +238,6 @@ def _with_progress(materialize, progress):
         return value
 
     return produce
-
-
-def peak_rss_per_rank() -> List[int]:
-    """Collective: every rank's peak resident set size in bytes (Linux reports KiB)."""
-    import resource
-
-    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    everyone: List[int] = [0] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    return everyone
-
-
-def return_freed_memory_to_the_os() -> None:
-    """glibc keeps freed blocks below its dynamic mmap threshold (which grows up to 32 MiB) in the heap,
-    so a stream of tensors of a few MiB ratchets the resident set up; a fixed 1 MiB threshold maps each
-    large buffer on its own and unmaps it when freed. No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Progress:
