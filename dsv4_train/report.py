@@ -36,8 +36,8 @@ def collect(sweep_dir: Path) -> List[dict]:
     for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
         rows = read_rows(str(job))
         result_path = job / "result.json"
-        if not rows and not result_path.exists():
-            continue
+        if not rows and not result_path.exists() and not (job / ".hydra").is_dir():
+            continue  # not a job directory; a job that has not logged a step yet is listed as incomplete
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
         tail = [r["tokens_per_sec"] for r in rows[-10:] if isinstance(r.get("tokens_per_sec"), (int, float))]
         jobs.append({
