@@ -36,8 +36,8 @@ def collect(sweep_dir: Path) -> List[dict]:
     for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: (len(p.name), p.name)):
         rows = read_rows(str(job))
         result_path = job / "result.json"
-        if not rows and not result_path.exists():
-            continue
+        if not rows and not result_path.exists() and not (job / ".hydra").is_dir():
+            continue  # not a job directory; a job that has not logged a step yet is listed as incomplete
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
         tail = [r["tokens_per_sec"] for r in rows[-10:] if isinstance(r.get("tokens_per_sec"), (int, float))]
         jobs.append({
@@ -86,6 +86,12 @@ def _as_number(text: Optional[str]) -> Optional[float]:
         return None
 
 
+def x_scale(values) -> str:
+    """'log' when the swept values are positive and span two decades or more (a learning rate), else
+    'linear'."""
+    return "log" if min(values) > 0 and max(values) / min(values) >= 100 else "linear"
+
+
 def plots(jobs: List[dict], keys: List[str], out: Path) -> List[Path]:
     import matplotlib
 
@@ -116,8 +122,7 @@ def plots(jobs: List[dict], keys: List[str], out: Path) -> List[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         xs, ys = zip(*points)
         ax.scatter(xs, ys)
-        if min(xs) > 0 and max(xs) / min(xs) >= 100:
-            ax.set_xscale("log")
+        ax.set_xscale(x_scale(xs))
         ax.set_xlabel(key)
         ax.set_ylabel(f"objective ({jobs[0]['metric'] or 'objective'})")
         ax.set_title(f"objective vs {key}")

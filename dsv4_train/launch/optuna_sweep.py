@@ -7,17 +7,44 @@ write new trials into the old trials' run directories. This subclass (the only h
 first reads the study: `n_trials` becomes the total budget (finished trials count against it), a
 trial left RUNNING by a killed sweep is marked failed and run again as a new trial, and job numbers
 continue after the last trial.
-Each trial's task returns its objective (train/objective.py); NaN for a failed or diverged run,
-which Optuna records as a failed trial while the sweep continues.
+Each trial's task returns its objective (train/objective.py); NaN for a failed or diverged run.
+The plugin cannot record a NaN with optuna 2.x (`study.tell` refuses it, and again in the plugin's
+own error handler, which stops the sweep), so such a return reaches the plugin as a value that
+`float()` refuses: the plugin's path for a trial without a number, which records it as failed and
+goes on. A sweep whose every trial failed ends normally too (the plugin asks for the best trial).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("COMPLETE", "FAIL", "PRUNED")
+
+
+class NoObjective:
+    """A trial's return value when its run has no finite objective (see result.json for why)."""
+
+    def __init__(self, job_dir: str):
+        self.job_dir = job_dir
+
+    def __float__(self) -> float:
+        raise ValueError(f"no objective: see {self.job_dir}/result.json")
+
+    def __repr__(self) -> str:
+        return f"no objective (failed or diverged: {self.job_dir}/result.json)"
+
+
+def mark_runs_without_objective(returns) -> None:
+    """Replace NaN objectives of completed jobs by NoObjective (in place)."""
+    from hydra.core.utils import JobStatus
+
+    for ret in returns:
+        value = ret._return_value  # not .return_value: that raises a failed job's exception
+        if ret.status == JobStatus.COMPLETED and isinstance(value, float) and math.isnan(value):
+            ret.return_value = NoObjective(ret.working_dir)
 
 
 def resumable_impl_class():
@@ -50,6 +77,23 @@ def resumable_impl_class():
                     print(f"sweep already complete: {done} of n_trials={budget} trials done "
                           f"(raise hydra.sweeper.n_trials to run more)", flush=True)
                     return None
-            return super().sweep(arguments)
+            launch = self.launcher.launch
+
+            def launch_marking_failures(job_overrides, initial_job_idx):
+                returns = launch(job_overrides, initial_job_idx)
+                mark_runs_without_objective(returns)
+                return returns
+
+            self.launcher.launch = launch_marking_failures
+            try:
+                return super().sweep(arguments)
+            except ValueError:  # the plugin's final `study.best_trial` when no trial completed
+                study = optuna.load_study(study_name=self.study_name, storage=self.storage)
+                states = {t.state.name for t in study.get_trials(deepcopy=False)}
+                if "COMPLETE" in states or "RUNNING" in states:  # not that: an error of its own
+                    raise
+                print(f"sweep finished without a completed trial: all {len(study.trials)} failed or diverged "
+                      "(their result.json say why; python -m dsv4_train.report SWEEP_DIR)", flush=True)
+                return None
 
     return ResumableOptunaSweeperImpl

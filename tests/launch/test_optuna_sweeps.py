@@ -24,7 +24,7 @@ import time
 import pytest
 
 from tests.helpers import REPO, cli_env, read_metrics
-from tests.launch.launch_helpers import describe, slurm_env
+from tests.launch.launch_helpers import calls, describe, slurm_env
 
 optuna = pytest.importorskip("optuna")
 
@@ -37,6 +37,18 @@ OPTUNA = ["-m", "hydra/sweeper=dsv4_optuna", "hydra.sweeper.n_trials=6", "hydra.
 def _cli(args, env=None, timeout=900):
     return subprocess.run([sys.executable, "-m", "dsv4_train", *args], cwd=REPO, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _report(sweep_dir):
+    """python -m dsv4_train.report on a sweep directory; it must succeed and write every file."""
+    report = subprocess.run([sys.executable, "-m", "dsv4_train.report", str(sweep_dir)], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    for name in ("report.md", "report.csv", "loss_curves.png"):
+        assert (sweep_dir / name).stat().st_size > 0, name
+    assert (sweep_dir / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(report.stdout)  # the measured table, shown with pytest -s
+    return report
 
 
 def _recomputed(job_dir) -> float:
@@ -57,7 +69,10 @@ def test_optuna_sweep_killed_and_resumed(tmp_path):
     proc.wait()
     finished = {job: (sweep / job / "result.json").stat().st_mtime_ns for job in ("0", "1", "2")}
     assert not (sweep / "3" / "result.json").exists()
+    partial = _report(sweep).stdout.splitlines()  # a killed sweep still reports what it has
+    assert [line.split()[-1] for line in partial[1:5]] == ["ok", "ok", "ok", "incomplete"]
 
+    resumed_at = time.time_ns()
     resumed = _cli(args)
     assert resumed.returncode == 0, describe(resumed)
     for job, mtime in finished.items():
@@ -71,6 +86,14 @@ def test_optuna_sweep_killed_and_resumed(tmp_path):
         result = json.loads((job / "result.json").read_text())
         assert result["status"] == "ok" and result["metric"] == "lm_loss"
         assert trial.value == result["objective"] == _recomputed(job)
+        written = (job / "result.json").stat().st_mtime_ns
+        assert (written < resumed_at) == (trial.number < 3), f"trial {trial.number} ran in the wrong invocation"
+        print(f"trial {trial.number}: optim.lr={trial.params['optim.lr']:.6g} optuna value={trial.value!r} "
+              f"recomputed from metrics.jsonl={_recomputed(job)!r} result.json written "
+              f"{'before' if written < resumed_at else 'after'} the re-run started")
+    rows = _report(sweep).stdout.splitlines()
+    assert sorted(line.split()[0] for line in rows[1:8]) == ["0", "1", "2", "3", "4", "5", "6"]
+    assert (sweep / "objective_vs_optim.lr.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -81,15 +104,27 @@ def test_grid_sweep_with_a_diverging_run_and_the_report(tmp_path):
     diverged, good = (json.loads((sweep / j / "result.json").read_text()) for j in ("0", "1"))
     assert diverged["status"] == "diverged" and diverged["objective"] is None
     assert good["status"] == "ok" and good["objective"] == _recomputed(sweep / "1")
-    report = subprocess.run([sys.executable, "-m", "dsv4_train.report", str(sweep)], cwd=REPO, env=cli_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert report.returncode == 0, report.stderr[-2000:]
-    lines = report.stdout.splitlines()
+    lines = _report(sweep).stdout.splitlines()
     assert lines[0].split()[:2] == ["job", "optim.lr"] and lines[1].split()[:2] == ["1", "0.003"]
     assert "diverged" in lines[2]
-    for name in ("report.md", "report.csv", "loss_curves.png", "objective_vs_optim.lr.png"):
-        assert (sweep / name).stat().st_size > 0, name
-    assert (sweep / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (sweep / "objective_vs_optim.lr.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_optuna_sweep_goes_on_after_diverged_trials(tmp_path):
+    # TPE's seeded start-up draws give lr=1e4, 1e4, 3e-3 for seed 6: two diverged trials come first.
+    sweep = tmp_path / "optuna_diverging"
+    run = _cli(["-m", "hydra/sweeper=dsv4_optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=6",
+                "optim.lr=choice(1e4, 3e-3)", *TRIAL, "train.max_skipped_steps=0", f"hydra.sweep.dir={sweep}"])
+    assert run.returncode == 0, describe(run)
+    study = optuna.load_study(study_name="tiny_pretrain", storage=f"sqlite:///{sweep}/optuna.db")
+    FAIL, COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
+    assert [(t.params["optim.lr"], t.state) for t in study.trials] == [(1e4, FAIL), (1e4, FAIL), (3e-3, COMPLETE)]
+    statuses = [json.loads((sweep / str(t.number) / "result.json").read_text())["status"] for t in study.trials]
+    assert statuses == ["diverged", "diverged", "ok"]
+    assert study.trials[2].value == _recomputed(sweep / "2")
+    report = _report(sweep)
+    assert [line.split()[-1] for line in report.stdout.splitlines()[1:4]] == ["ok", "diverged", "diverged"]
 
 
 @pytest.mark.slow
@@ -106,6 +141,7 @@ def test_optuna_sweep_through_the_slurm_launcher(tmp_path):
     assert run.returncode == 0, describe(run)
     study = optuna.load_study(study_name="tiny_pretrain", storage=f"sqlite:///{sweep}/optuna.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert len(calls(tmp_path / "state", "sbatch")) == 2  # one Slurm job per trial, through the stand-in sbatch
     for trial in study.trials:
         assert math.isfinite(trial.value) and trial.value == _recomputed(sweep / str(trial.number))
 
