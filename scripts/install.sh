@@ -42,4 +42,4 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && python -m pip show transformer-eng
   python -m pip uninstall -y -q transformer-engine transformer_engine_cu13 || true
 fi
 # Megatron-Core imports triton unguarded; on CPU our compatibility layer must come first.
-python -W ignore -c "from dsv4_train.runtime import cpu_compat; cpu_compat.apply(); import megatron.core, torch; print(f'dsv4-train ready: torch {torch.__version__}, megatron-core OK')"
+python -W ignore -c "from dsv4_train.mcore import cpu_compat; cpu_compat.apply(); import megatron.core, torch; print(f'dsv4-train ready: torch {torch.__version__}, megatron-core OK')"
