@@ -22,11 +22,8 @@ from dsv4_train.checkpoint.io import (
     save_checkpoint,
     weights_only,
 )
+from dsv4_train.checkpoint.paths import checkpoint_root  # noqa: F401 (re-exported)
 from dsv4_train.config.schema import Config
-
-
-def checkpoint_root(cfg: Config) -> str:
-    return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
 
 
 def plan_resume(cfg: Config, ckpt_root: str, *, load_path: Optional[str] = "resolve"):
