@@ -67,7 +67,7 @@ def preflight_inputs(cfg: Config) -> None:
 
 def _locked_directories(cfg: Config) -> list:
     """(directory, config key): run.dir, and checkpoint.dir when it lies outside run.dir."""
-    from dsv4_train.checkpoint.resume import checkpoint_root
+    from dsv4_train.checkpoint.paths import checkpoint_root
 
     run_dir, ckpt = os.path.abspath(cfg.run.dir), os.path.abspath(checkpoint_root(cfg))
     inside = os.path.commonpath([ckpt, run_dir]) == run_dir

@@ -37,7 +37,13 @@ from typing import List, Optional
 import torch
 
 from dsv4_train.checkpoint import manifest, writer_queue
-from dsv4_train.checkpoint.safe_load import check_metadata, load_tensors_file, tensors_only_loads
+from dsv4_train.checkpoint.safe_load import (
+    UnsafeCheckpointError,
+    check_metadata,
+    load_tensors_file,
+    refused_unpickling,
+    tensors_only_loads,
+)
 
 COMPLETE_MARKER = "dsv4_complete.json"
 LATEST_FILE = "latest"
@@ -185,21 +191,16 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
     _barrier()
     files = manifest.build(partial, marker_name=COMPLETE_MARKER)  # collective: every rank checksums its files
     if _rank() == 0:
-        with open(os.path.join(partial, COMPLETE_MARKER), "w") as f:
-            json.dump(
-                {
-                    "step": state.step,
-                    "consumed_samples": state.consumed_samples,
-                    "world_size": _world(),
-                    "contents": "full" if optimizer is not None else "model",
-                    "model": _model_config(model_chunks),
-                    "code_version": _code_version(),
-                    "files": files,  # the manifest (checkpoint/manifest.py)
-                },
-                f,
-            )
-            f.flush()
-            os.fsync(f.fileno())
+        write_marker(partial, {
+            "step": state.step,
+            "consumed_samples": state.consumed_samples,
+            "world_size": _world(),
+            "layout": _layout(),
+            "contents": "full" if optimizer is not None else "model",
+            "model": _model_config(model_chunks),
+            "code_version": _code_version(),
+            "files": files,  # the manifest (checkpoint/manifest.py)
+        })
         if os.path.isdir(final):
             stale = final + ".old"
             os.replace(final, stale)
@@ -243,8 +244,7 @@ def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only
     if optimizer is not None and not legacy:
         templates = sharded["optimizer"].pop("_templates")
         request_tensors = dict(sharded["optimizer"]["tensors"])  # load() may replace entries in place
-    with tensors_only_loads():
-        loaded = dist_checkpointing.load(sharded, path)
+    loaded = _load_tensors_only(path, lambda: dist_checkpointing.load(sharded, path))
     for index, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{index}"
         result = _unwrap(chunk).load_state_dict(loaded[key], strict=not fresh)
@@ -295,13 +295,40 @@ def _code_version() -> str:
         return "unknown"
 
 
+def write_marker(directory: str, record: dict) -> None:
+    """Write the completion marker (sealed with its own checksum) last, durably."""
+    with open(os.path.join(directory, COMPLETE_MARKER), "w") as f:
+        json.dump(manifest.seal(record), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_marker(path: str) -> dict:
+    """The completion marker of checkpoint `path` (OSError / ValueError when unreadable)."""
+    with open(os.path.join(path, COMPLETE_MARKER)) as f:
+        record = json.load(f)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
+def marker_problem(path: str) -> Optional[str]:
+    """Why the completion marker of `path` cannot be trusted (None: it can)."""
+    marker_path = os.path.join(path, COMPLETE_MARKER)
+    try:
+        return manifest.seal_problem(marker_path, read_marker(path))
+    except (OSError, ValueError) as error:
+        return f"{marker_path}: unreadable ({error})"
+
+
 def checkpoint_problems(path: str, mode: str) -> List[str]:
     """Collective: what verification (`checkpoint.verify`) finds wrong with `path` (the same on every rank)."""
-    try:
-        with open(os.path.join(path, COMPLETE_MARKER)) as f:
-            files = json.load(f).get("files")
-    except (OSError, ValueError) as error:
-        return [f"{os.path.join(path, COMPLETE_MARKER)}: unreadable ({error})"]
+    if mode == "off":
+        return []
+    problem = marker_problem(path)
+    if problem:
+        return [problem]
+    files = read_marker(path).get("files")
     if files is None:
         return []  # saved before manifests existed
     return manifest.problems(path, files, mode=mode, marker_name=COMPLETE_MARKER)
@@ -491,15 +518,42 @@ def _set_adam_step(optimizer, step: int) -> None:
 def _saved_optimizer_layout(path: str) -> Optional[str]:
     from megatron.core import dist_checkpointing
 
-    with tensors_only_loads():
-        common = dist_checkpointing.load_common_state_dict(path)
+    common = _load_tensors_only(path, lambda: dist_checkpointing.load_common_state_dict(path))
     optimizer_state = common.get("optimizer") if isinstance(common, dict) else None
     return optimizer_state.get("layout") if isinstance(optimizer_state, dict) else None
+
+
+def _load_tensors_only(path: str, load):
+    """Run a distributed-checkpoint load of `path` with tensors-only unpickling; a refused object
+    becomes one message naming the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        with tensors_only_loads():
+            return load()
+    except (Exception, CheckpointException) as error:
+        if not refused_unpickling(error):
+            raise
+    raise UnsafeCheckpointError(
+        f"checkpoint {path}: an item of its .distcp files holds objects other than tensors and plain values "
+        "and is not loaded (unpickling it could run code); it was not written by this framework or was "
+        "tampered with. Use another checkpoint (checkpoint.load=<dir>) or delete this one.")
 
 
 # --- helpers ---------------------------------------------------------------------------------
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _layout() -> Optional[dict]:
+    """The parallel layout the checkpoint was saved from (recorded; any layout can load it)."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(), "ep": ps.get_expert_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
 
 
 def _saved_world(path: str) -> Optional[int]:

@@ -5,12 +5,14 @@ checkpoint without it is incomplete by construction. Each rank checksums the fil
 `__<rank>_*.distcp` and `rng/rank_<rank>.pt`; rank 0 also the shared metadata) and rank 0 gathers
 them. Verification (`checkpoint.verify`): `full` checks sizes and checksums, `size` only sizes, `off`
 nothing; files are split over the ranks and the verdict is agreed by all. A file on disk that the
-manifest does not list is refused too (nothing unexpected is ever read).
+manifest does not list is refused too (nothing unexpected is ever read). The marker itself carries a
+CRC32 of its own content (`seal`), so a changed step, model config or manifest entry is found as well.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import zlib
 from typing import Dict, List, Optional
@@ -18,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 CHUNK = 8 << 20
+SEAL_KEY = "marker_crc32"
 
 
 def crc32(path: str) -> int:
@@ -96,3 +99,16 @@ def size_problems(directory: str, files: Dict[str, dict]) -> List[str]:
         if not os.path.isfile(path) or os.path.getsize(path) != expected["size"]:
             found.append(path)
     return found
+
+
+def seal(record: dict) -> dict:
+    """The marker's record with a CRC32 of its other fields (canonical JSON) added."""
+    body = {key: value for key, value in record.items() if key != SEAL_KEY}
+    return {**body, SEAL_KEY: zlib.crc32(json.dumps(body, sort_keys=True).encode())}
+
+
+def seal_problem(path: str, record: dict) -> Optional[str]:
+    """What is wrong with a marker's seal (None: intact, or written before markers were sealed)."""
+    if SEAL_KEY not in record or seal(record)[SEAL_KEY] == record[SEAL_KEY]:
+        return None
+    return f"{path}: checksum mismatch (the completion marker changed after it was saved)"

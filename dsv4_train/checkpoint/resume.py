@@ -6,7 +6,6 @@ position) runs before anything is built, and a bad `checkpoint.load` fails in se
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from typing import Optional
@@ -17,15 +16,14 @@ from dsv4_train.checkpoint.io import (
     find_latest,
     list_complete,
     load_checkpoint,
+    marker_problem,
+    read_marker,
     resolve_load_path,
     save_checkpoint,
     weights_only,
 )
+from dsv4_train.checkpoint.paths import checkpoint_root  # noqa: F401 (re-exported)
 from dsv4_train.config.schema import Config
-
-
-def checkpoint_root(cfg: Config) -> str:
-    return cfg.checkpoint.dir or os.path.join(cfg.run.dir, "checkpoints")
 
 
 def plan_resume(cfg: Config, ckpt_root: str, *, load_path: Optional[str] = "resolve"):
@@ -45,8 +43,13 @@ def plan_resume(cfg: Config, ckpt_root: str, *, load_path: Optional[str] = "reso
         model_only = False  # one of this run's own checkpoints
     start = TrainState()
     if load_path is not None:
-        with open(os.path.join(load_path, "dsv4_complete.json")) as f:
-            marker = json.load(f)
+        problem = marker_problem(load_path)
+        if problem and cfg.checkpoint.verify != "off":
+            return load_path, model_only, start  # choose_verified reports it (and falls back)
+        if problem and "unreadable" in problem:
+            raise ValueError(f"checkpoint {load_path} cannot be used: {problem}. Use another checkpoint "
+                             "(checkpoint.load=<dir>).")
+        marker = read_marker(load_path)
         check_same_model_shapes(marker.get("model"), asdict(cfg.model), load_path)
         if not model_only and not weights_only(load_path):
             start = TrainState(step=int(marker["step"]), consumed_samples=int(marker["consumed_samples"]))

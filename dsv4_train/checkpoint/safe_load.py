@@ -87,6 +87,24 @@ def tensors_only_loads():
         torch.load = original
 
 
+def refused_unpickling(error: BaseException) -> bool:
+    """Whether a failed checkpoint load was a tensors-only load refusing an object (not, e.g., I/O).
+    torch.distributed.checkpoint wraps each rank's error in a CheckpointException (`failures`)."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, pickle.UnpicklingError):
+            return True
+        pending += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            pending += [f[0] for f in failures.values() if isinstance(f, tuple) and f]
+    return False
+
+
 def _numpy_array_globals() -> list:
     """numpy's array reconstruction (data only, no code): what RNG files written before RNG states
     were stored as tensors contain."""

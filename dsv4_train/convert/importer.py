@@ -13,7 +13,6 @@ time, which is only then read from the safetensors shards, dequantised, cast and
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -267,18 +266,15 @@ class Progress:
 
 def write_marker(directory: str, model_cfg, *, contents_note: dict) -> None:
     """Collective: the manifest and the completion marker `checkpoint/io.py` reads (rank 0 writes)."""
-    from dsv4_train.checkpoint import manifest
-    from dsv4_train.checkpoint.io import COMPLETE_MARKER, _code_version
+    from dsv4_train.checkpoint import io, manifest
 
-    files = manifest.build(directory, marker_name=COMPLETE_MARKER)
+    files = manifest.build(directory, marker_name=io.COMPLETE_MARKER)
     if torch.distributed.get_rank() == 0:
         marker = {"step": 0, "consumed_samples": 0, "world_size": torch.distributed.get_world_size(),
-                  "contents": "model", "model": asdict(model_cfg), "code_version": _code_version(), "files": files}
+                  "layout": io._layout(), "contents": "model", "model": asdict(model_cfg),
+                  "code_version": io._code_version(), "files": files}
         marker.update(contents_note)
-        with open(os.path.join(directory, COMPLETE_MARKER), "w") as handle:
-            json.dump(marker, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        io.write_marker(directory, marker)
     torch.distributed.barrier()
 
 

@@ -2,7 +2,7 @@
 
 A harmless payload (its unpickling would create a marker file) is planted in each kind of pickle a
 checkpoint has: the distributed checkpoint's `.metadata`, our per-rank RNG file, and a non-tensor item
-of a `.distcp` file (through torch's load planner, the path those items take). Without manifest
+of a `.distcp` file (through the CLI, and through torch's load planner directly). Without manifest
 verification, resuming refuses with one message naming the file (exit 2, no traceback); with it (the
 default) the changed file fails its checksum and the run falls back to an intact checkpoint. Either
 way the marker never appears; an untouched checkpoint still resumes.
@@ -58,8 +58,30 @@ def _plant_rng(step_dir, marker):
     return step_dir / "rng" / "rank_0.pt"
 
 
+def _plant_distcp(step_dir, marker):
+    """The payload replaces the checkpoint's common-state item inside `__0_0.distcp`; `.metadata`
+    is rewritten (same allow-listed classes) to the item's new offsets so the loader reaches it."""
+    import dataclasses
+
+    meta = pickle.loads((step_dir / ".metadata").read_bytes())  # our own, intact file
+    key = next(k for k in meta.storage_data if k.fqn.startswith("common_state"))
+    info = meta.storage_data[key]
+    buffer = io.BytesIO()
+    torch.save({"optimizer": Payload(marker)}, buffer)
+    blob = buffer.getvalue()
+    path = step_dir / info.relative_path
+    data = path.read_bytes()
+    path.write_bytes(data[:info.offset] + blob + data[info.offset + info.length:])
+    for k, v in list(meta.storage_data.items()):
+        if v.relative_path == info.relative_path and v.offset > info.offset:
+            meta.storage_data[k] = dataclasses.replace(v, offset=v.offset + len(blob) - info.length)
+    meta.storage_data[key] = dataclasses.replace(info, length=len(blob))
+    (step_dir / ".metadata").write_bytes(pickle.dumps(meta))
+    return step_dir  # the message names the checkpoint (the item's file is one of its .distcp files)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("plant", [_plant_metadata, _plant_rng], ids=["metadata", "rng"])
+@pytest.mark.parametrize("plant", [_plant_metadata, _plant_rng, _plant_distcp], ids=["metadata", "rng", "distcp"])
 def test_planted_payload_is_refused_and_never_runs(trained, tmp_path, plant):
     # checkpoint.verify=off: the loaders themselves are the guard (with verification on, the changed
     # file fails its checksum first and the run falls back: the next test).

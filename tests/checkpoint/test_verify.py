@@ -1,7 +1,9 @@
 """Checkpoint manifests (checkpoint/manifest.py): damage is found before anything loads.
 
-A 4-step run saves at steps 2 and 4. The step-4 checkpoint is then damaged in one way per case (a bit
-flip, a truncation, a deleted file, a planted extra file); resuming reports the checkpoint, the file
+A 4-step run saves at steps 2 and 4. Every file of the step-4 checkpoint (the completion marker
+included), bit-flipped or truncated, is found by verification (in-process, no load). Then the
+checkpoint is damaged in one way per CLI case (a bit flip, a truncation, a deleted file, a planted
+extra file, a changed or truncated completion marker); resuming reports the checkpoint, the file
 and the reason, falls back to step 2, and re-trains steps 3-4 to exactly the losses of the original
 run (==, CPU fp32 is deterministic). An explicitly requested damaged checkpoint is refused (exit 2).
 """
@@ -35,7 +37,23 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:-100])
 
 
+def _marker_step_changed(step_dir):
+    """A one-bit change that leaves valid JSON: step 4 -> 5 (only the marker's own seal can catch it)."""
+    marker = step_dir / "dsv4_complete.json"
+    text = marker.read_text()
+    assert '"step": 4,' in text
+    marker.write_text(text.replace('"step": 4,', '"step": 5,', 1))
+    return marker
+
+
+def _marker_truncated(step_dir):
+    _truncate(step_dir / "dsv4_complete.json")
+    return step_dir / "dsv4_complete.json"
+
+
 DAMAGE = {
+    "marker_bit_flip": (_marker_step_changed, ": checksum mismatch (the completion marker changed", []),
+    "marker_truncated": (_marker_truncated, ": unreadable", []),
     "bit_flip": (lambda d: (_flip(d / "__0_0.distcp"), d / "__0_0.distcp")[1], "checksum mismatch", []),
     "truncated_size_check": (lambda d: (_truncate(d / "rng" / "rank_0.pt"), d / "rng" / "rank_0.pt")[1],
                              "(truncated or rewritten)", ["checkpoint.verify=size"]),
@@ -71,3 +89,30 @@ def test_explicitly_requested_damaged_checkpoint_is_refused(original, tmp_path):
                       "checkpoint.load_model_only=true"], timeout=600)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "failed verification" in result.stderr and "__0_0.distcp: checksum mismatch" in result.stderr
+
+
+def _every_file(step_dir):
+    return sorted(p for p in step_dir.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_flip, _truncate], ids=["bit_flip", "truncated"])
+def test_damage_to_any_file_is_detected(original, tmp_path, damage):
+    """Each file of a real checkpoint, damaged alone, is named by verification (full; truncation also
+    by size); the intact copy passes."""
+    from dsv4_train.checkpoint.io import checkpoint_problems
+
+    source = original / "checkpoints" / "step_00000004"
+    assert checkpoint_problems(str(source), "full") == []
+    names = [p.relative_to(source) for p in _every_file(source)]
+    assert {".metadata", "dsv4_complete.json", "rng/rank_0.pt"} <= {str(n) for n in names}, names
+    assert any(n.suffix == ".distcp" for n in names), names
+    modes = ["full", "size"] if damage is _truncate else ["full"]
+    for name in names:
+        copy = tmp_path / f"{name}".replace("/", "_")
+        shutil.copytree(source, copy)
+        damage(copy / name)
+        for mode in modes:
+            problems = checkpoint_problems(str(copy), mode)
+            assert problems and all(str(copy / name) in p for p in problems), (name, mode, problems)
+    print(f"{damage.__name__}: detected in each of {len(names)} files: {', '.join(map(str, names))}")

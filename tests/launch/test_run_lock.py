@@ -1,7 +1,7 @@
 """One run per run directory (launch/run_lock.py), through the real CLI.
 
 While a run trains, a second launch into the same run.dir (or into another run.dir sharing its
-checkpoint.dir) exits with status 2 before writing anything, naming the holder's pid; the first run
+checkpoint.dir) exits with status 2 before importing torch or writing anything, naming the holder's pid; the first run
 finishes unharmed (every step logged once, final checkpoint written); once it has exited, the
 directory is free again (the lock dies with its process)."""
 
@@ -38,7 +38,9 @@ def test_second_launch_is_refused_while_the_first_trains(tmp_path):
         assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 300), "the first run never started"
         config_before = (run_dir / "config.yaml").read_text()
         started = time.monotonic()
-        second = run_cli([*args, f"run.dir={run_dir}", "optim.lr=2e-3"], timeout=120)
+        # PYTHONPROFILEIMPORTTIME lists every module the refused launch imported (on stderr).
+        second = run_cli([*args, f"run.dir={run_dir}", "optim.lr=2e-3"], timeout=120,
+                         env={"PYTHONPROFILEIMPORTTIME": "1"})
         refused_after = time.monotonic() - started
         other_dir = run_cli([*args, f"run.dir={tmp_path / 'other'}"], timeout=120)
         assert first.poll() is None, "the first run ended before the second launch was tried"
@@ -49,6 +51,13 @@ def test_second_launch_is_refused_while_the_first_trains(tmp_path):
     assert f"run.dir={run_dir} is in use by another run" in second.stderr
     assert f"pid {first.pid}" in second.stderr and holder["pid"] == first.pid
     print(f"second launch refused after {refused_after:.1f} s")
+    # The lock is checked right after the config is validated, before torch and Megatron-Core start
+    # up (cli.py): shown load-independently by the imports, as a wall-clock bound cannot be on a shared
+    # CI machine (0.4 s idle here, 9 s with five other test processes on 2 cores).
+    imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")}
+    assert "dsv4_train.config.load" in imported, "PYTHONPROFILEIMPORTTIME listed no imports"
+    assert not {"torch", "megatron.core"} & imported, "the refused launch imported torch or Megatron-Core"
+    assert refused_after < 30, f"the second launch took {refused_after:.1f} s to be refused"
     assert other_dir.returncode == 2 and f"checkpoint.dir={ckpt} is in use by another run" in other_dir.stderr
     assert not (tmp_path / "other" / "config.yaml").exists()
     # The first run is unharmed: its config untouched, every step once, its final checkpoint saved.

@@ -68,3 +68,22 @@ def test_diverging_run_stops_and_never_saves_non_finite_parameters(tmp_path):
     assert saved
     for checkpoint in saved:
         assert all(bool(torch.isfinite(t).all()) for t in _model_tensors(checkpoint).values()), checkpoint
+
+
+def test_loss_spike_is_reported_against_the_running_mean():
+    """A loss above train.spike_factor x the mean of the recent losses is reported (with that mean);
+    one at or below it is not, nor is any loss before 6 steps of history or with the check off."""
+    from types import SimpleNamespace
+
+    from dsv4_train.train.nonfinite import NonFinitePolicy
+
+    cfg = SimpleNamespace(on_nonfinite="skip", max_skipped_steps=3, spike_factor=2.0)
+    policy = NonFinitePolicy(cfg)
+    assert [policy.after_good_step(1.0) for _ in range(6)] == [None] * 6
+    assert policy.after_good_step(2.0) is None  # exactly 2 x the mean 1.0: not above it
+    mean = (6 * 1.0 + 2.0) / 7
+    assert policy.after_good_step(2 * mean + 1e-6) == pytest.approx(mean, rel=1e-12)  # same arithmetic
+    early = NonFinitePolicy(cfg)
+    assert [early.after_good_step(x) for x in (1.0, 1.0, 100.0)] == [None, None, None]  # too little history
+    off = NonFinitePolicy(SimpleNamespace(on_nonfinite="skip", max_skipped_steps=3, spike_factor=0.0))
+    assert [off.after_good_step(x) for x in [1.0] * 6 + [100.0]] == [None] * 7
