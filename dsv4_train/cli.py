@@ -49,6 +49,7 @@ def preflight_inputs(cfg: Config) -> None:
     """Read-only checks of what the run will open: data inputs and a requested checkpoint."""
     if cfg.run.plan_only:
         return
+    check_run_directories_free(cfg)  # first: a busy run.dir is refused before torch even starts
     from dsv4_train.checkpoint.io import resolve_load_path
     from dsv4_train.data.checks import check_data_inputs
     from dsv4_train.launch.output_dirs import check_output_dirs
@@ -72,6 +73,17 @@ def _locked_directories(cfg: Config) -> list:
     run_dir, ckpt = os.path.abspath(cfg.run.dir), os.path.abspath(checkpoint_root(cfg))
     inside = os.path.commonpath([ckpt, run_dir]) == run_dir
     return [(cfg.run.dir, "run.dir")] + ([] if inside else [(checkpoint_root(cfg), "checkpoint.dir")])
+
+
+def check_run_directories_free(cfg: Config) -> None:
+    """Refuse a run.dir (or checkpoint.dir) another live run holds; rank 0 only, as rank 0 holds the
+    lock for the run and its sibling ranks would see it taken."""
+    from dsv4_train.launch import run_lock
+    from dsv4_train.launch.env import discover
+
+    if discover().rank == 0:
+        for directory, key in _locked_directories(cfg):
+            run_lock.check_free(directory, what=key)
 
 
 def lock_run_directories(cfg: Config) -> None:
@@ -121,12 +133,8 @@ def execute(cfg: Config, *, yaml_text: str):
         if message:
             raise ValueError(message)
         return 0
-    from dsv4_train.launch import run_lock
     from dsv4_train.runtime.distributed import pick_device
 
-    if process.rank == 0:  # rank 0 holds the lock for the run; its sibling ranks would see it taken
-        for directory, key in _locked_directories(cfg):
-            run_lock.check_free(directory, what=key)  # a busy run.dir is refused before slow start-up work
     if pick_device(cfg.run.device).type == "cpu":
         from dsv4_train import mcore
 
