@@ -526,8 +526,5 @@ def validate(cfg, *, world_size: Optional[int] = None) -> None:
     check_train(cfg, problems)
     check_io(cfg, problems)
     check_stages(cfg, world_size, problems)
-    if getattr(cfg.optim, "optimizer", "adamw") == "muon" and cfg.model.moe_expert_compute in ("grouped", "batched"):
-        problems.append(f"model.moe_expert_compute={cfg.model.moe_expert_compute} with optim.optimizer=muon: Muon "
-                        "orthogonalises per-expert modules; use model.moe_expert_compute=sequential (or auto).")
     if problems:
         raise ConfigError(problems)

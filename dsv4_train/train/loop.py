@@ -3,7 +3,6 @@ the run's precision and wrapped in Megatron-Core's DDP. (The training loop is tr
 
 from __future__ import annotations
 
-import dataclasses
 from typing import List
 
 import torch
@@ -62,13 +61,8 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
         check_for_nan_in_grad=False,  # train/nonfinite.py skips such steps on every rank instead
     )
     chunks = []
-    model_cfg = cfg.model
-    if cfg.optim.optimizer == "muon" and model_cfg.moe_expert_compute == "auto":
-        # Muon orthogonalises each expert's matrices; it walks per-expert modules (not yet the stacked
-        # grouped weights). Same checkpoints either way.
-        model_cfg = dataclasses.replace(model_cfg, moe_expert_compute="sequential")
     for index, stage in enumerate(stages):
-        model = build_model(model_cfg=model_cfg, transformer_config=transformer_config, stage=stage)
+        model = build_model(model_cfg=cfg.model, transformer_config=transformer_config, stage=stage)
         if on_gpu:
             model.cuda(torch.cuda.current_device())
         if cfg.train.precision == "bf16":

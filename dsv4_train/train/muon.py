@@ -6,8 +6,10 @@ Split: AdamW for the embedding, the output head, RMSNorm weights, mHC biases (`b
 Expert biases are buffers updated by the load balancer, not parameters.
 
 Each logically independent matrix is orthogonalised on its own: every routed expert is its own
-parameter; a fused SwiGLU `linear_fc1` is split into its gate and up halves; the grouped `wo_a` into
-its groups. Query and indexer projections (`wq_b`, `weights_proj`) are orthogonalised whole, as one
+parameter, or one slice of the grouped experts' stacked `fc1_weight` [experts, 2f, d] / `fc2_weight`
+[experts, d, f] (model/grouped_experts.py); a fused SwiGLU `linear_fc1` (or fc1 slice) is split into its
+gate and up halves; the grouped `wo_a` into its groups. A parameter's matrices are one stack
+[matrices, rows, cols], orthogonalised by one batched Newton-Schulz. Query and indexer projections (`wq_b`, `weights_proj`) are orthogonalised whole, as one
 linear map from one input, not per head. A tensor-parallel piece is all-gathered over its TP group
 (expert TP for routed experts), orthogonalised as the whole logical matrix, and this rank's slice
 is kept, so every TP layout computes the 1-process update. The momentum is elementwise, hence
@@ -27,6 +29,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+from dsv4_train.model import grouped_checkpoint
 from dsv4_train.train.muon_math import scaled_orthogonal
 
 _ADAMW_NAME_PARTS = ("word_embeddings", "output_layer", "attn_sink", ".ape")
@@ -35,17 +38,24 @@ NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class MatrixLayout:
-    """How a parameter's local tensor splits into logical matrices (stacked along dim 0), and how
-    each piece is split over tensor parallelism."""
+    """How a parameter's local tensor splits into logical matrices (`tensor.reshape(pieces, -1, cols)`:
+    consecutive row blocks, across stacked experts too), and how each piece is split over tensor
+    parallelism."""
 
     pieces: int = 1
-    partition_dim: Optional[int] = None  # TP split dimension of each piece; None = whole on this rank
+    partition_dim: Optional[int] = None  # TP split of each piece: 0 rows, 1 columns; None = whole here
     group: Optional[object] = None  # the process group the piece is split over
+
+
+def _stacked_experts(name: str, param: torch.Tensor) -> bool:
+    """The grouped experts' [local experts, rows, cols] weights (model/grouped_experts.py)."""
+    return param.dim() == 3 and name.rsplit(".", 1)[-1] in grouped_checkpoint.PROJECTIONS
 
 
 def uses_muon(name: str, param: torch.Tensor) -> bool:
     """The paper's split by parameter name and rank (see the module docstring)."""
-    return param.dim() == 2 and not any(part in name for part in _ADAMW_NAME_PARTS)
+    matrix = param.dim() == 2 or _stacked_experts(name, param)
+    return matrix and not any(part in name for part in _ADAMW_NAME_PARTS)
 
 
 def matrix_layout(name: str, param: torch.Tensor, *, o_groups_local: int) -> MatrixLayout:
@@ -55,14 +65,17 @@ def matrix_layout(name: str, param: torch.Tensor, *, o_groups_local: int) -> Mat
     expert = ".experts." in name and ".shared_experts." not in name
     if name.endswith("wo_a.weight"):
         return MatrixLayout(pieces=o_groups_local)  # TP splits whole groups: each piece is local
-    pieces = 2 if name.endswith("linear_fc1.weight") else 1  # SwiGLU: [gate; up] on every TP rank
+    experts = param.shape[0] if _stacked_experts(name, param) else 1
+    glu = name.endswith("linear_fc1.weight") or name.endswith("fc1_weight")  # [gate; up] on every TP rank
+    pieces = experts * (2 if glu else 1)
     if not getattr(param, "tensor_model_parallel", False):
         return MatrixLayout(pieces=pieces)
     group = (parallel_state.get_expert_tensor_parallel_group() if expert
              else parallel_state.get_tensor_model_parallel_group())
     if torch.distributed.get_world_size(group) == 1:
         return MatrixLayout(pieces=pieces)
-    return MatrixLayout(pieces=pieces, partition_dim=param.partition_dim, group=group)
+    # partition_dim counts the stacked experts' leading dim; a piece is one [rows, cols] matrix.
+    return MatrixLayout(pieces=pieces, partition_dim=param.partition_dim - (param.dim() - 2), group=group)
 
 
 @dataclass(frozen=True)
@@ -89,14 +102,16 @@ def assign_owners(params_and_groups) -> Dict[torch.Tensor, Owner]:
     return owners
 
 
-def _orthogonalise(piece: torch.Tensor, layout: MatrixLayout, ns_dtype: torch.dtype) -> torch.Tensor:
+def _orthogonalise(pieces: torch.Tensor, layout: MatrixLayout, ns_dtype: torch.dtype) -> torch.Tensor:
+    """pieces [matrices, rows, cols] (this rank's TP slices) -> their scaled orthogonal updates."""
     if layout.group is None:
-        return scaled_orthogonal(piece, ns_dtype=ns_dtype)
+        return scaled_orthogonal(pieces, ns_dtype=ns_dtype)
+    dim = 1 + layout.partition_dim
     world = torch.distributed.get_world_size(layout.group)
-    parts = [torch.empty_like(piece) for _ in range(world)]
-    torch.distributed.all_gather(parts, piece.contiguous(), group=layout.group)
-    whole = scaled_orthogonal(torch.cat(parts, dim=layout.partition_dim), ns_dtype=ns_dtype)
-    return whole.chunk(world, dim=layout.partition_dim)[torch.distributed.get_rank(layout.group)]
+    parts = [torch.empty_like(pieces) for _ in range(world)]
+    torch.distributed.all_gather(parts, pieces.contiguous(), group=layout.group)  # one gather per parameter
+    whole = scaled_orthogonal(torch.cat(parts, dim=dim), ns_dtype=ns_dtype)
+    return whole.chunk(world, dim=dim)[torch.distributed.get_rank(layout.group)]
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -163,8 +178,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         grad, momentum, layout = param.grad, state["momentum_buffer"], self.layouts[param]
         momentum.mul_(self.momentum).add_(grad)
         direction = grad + self.momentum * momentum  # Nesterov
-        update = torch.cat([_orthogonalise(piece, layout, self.ns_dtype)
-                            for piece in direction.chunk(layout.pieces, dim=0)], dim=0)
+        pieces = direction.reshape(layout.pieces, -1, direction.shape[-1])
+        update = _orthogonalise(pieces, layout, self.ns_dtype).reshape(param.shape)
         param.mul_(1.0 - group["lr"] * group["weight_decay"]).sub_(update.to(param.dtype), alpha=group["lr"])
 
     def _adamw(self, param, state, group) -> None:

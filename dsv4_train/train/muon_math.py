@@ -22,26 +22,27 @@ HYBRID_SCHEDULE: Tuple[Tuple[float, float, float], ...] = (
 
 def hybrid_newton_schulz(update: torch.Tensor, *, schedule: Sequence[Tuple[float, float, float]] = HYBRID_SCHEDULE,
                          dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate orthogonal polar factor of a 2-D matrix, computed in `dtype`, returned in fp32."""
-    if update.dim() != 2:
-        raise ValueError(f"Newton-Schulz needs a 2-D matrix, got shape {tuple(update.shape)}")
+    """Approximate orthogonal polar factor of a 2-D matrix, or of each matrix of a [batch, rows, cols]
+    stack (one batched matmul per iteration), computed in `dtype`, returned in fp32."""
+    if update.dim() not in (2, 3):
+        raise ValueError(f"Newton-Schulz needs a matrix or a stack of matrices, got shape {tuple(update.shape)}")
     x = update.to(dtype)
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # iterate on the wide orientation: the Gram matrix x x^T is then the smaller one
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)  # each matrix's Frobenius norm
     for a, b, c in schedule:
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     if transposed:
-        x = x.T
+        x = x.mT
     return x.float()
 
 
 def scaled_orthogonal(direction: torch.Tensor, *, update_rms: float = 0.18,
                       ns_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """HybridNS(direction) * sqrt(max(rows, cols)) * update_rms: an update of RMS ~update_rms."""
-    return hybrid_newton_schulz(direction, dtype=ns_dtype) * (max(direction.shape) ** 0.5 * update_rms)
+    """HybridNS(direction) * sqrt(max(rows, cols)) * update_rms per matrix: an update of RMS ~update_rms."""
+    return hybrid_newton_schulz(direction, dtype=ns_dtype) * (max(direction.shape[-2:]) ** 0.5 * update_rms)
 
 
 def muon_matrix_step(param: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, *, lr: float,

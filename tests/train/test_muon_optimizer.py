@@ -1,5 +1,7 @@
 """The Muon + AdamW optimizer on the tiny V4 model, inside Megatron's optimizer wrapper: the paper's
-parameter split, and two steps of every parameter class against formulas written out here."""
+parameter split, and two steps of every parameter class against formulas written out here, with
+per-expert modules (sequential) and with the grouped experts' stacked weights (each expert's gate, up
+and down matrix orthogonalised on its own)."""
 
 from __future__ import annotations
 
@@ -15,20 +17,27 @@ ADAMW_NAMES = ("word_embeddings", "output_layer", "norm.weight", "hc_attn.base",
                "hc_ffn.base", "hc_ffn.scale", "hc_head.base", "hc_head.scale", "attn_sink", ".ape")
 
 
-def _logical_pieces(name, tensor, o_groups):
+def _reference_update(name, direction, o_groups):
+    """The paper's update of each logical matrix, assembled in the parameter's shape."""
+    if name.endswith(("fc1_weight", "fc2_weight")):  # grouped experts: [experts, rows, cols]
+        return torch.stack([_reference_update(name.replace("_weight", ".weight"), expert, o_groups)
+                            for expert in direction])
     if name.endswith("wo_a.weight"):
-        return tensor.chunk(o_groups, dim=0)
-    if name.endswith("linear_fc1.weight"):
-        return tensor.chunk(2, dim=0)  # SwiGLU gate and up halves
-    return (tensor,)
+        pieces = direction.chunk(o_groups, dim=0)
+    elif name.endswith("fc1.weight"):
+        pieces = direction.chunk(2, dim=0)  # SwiGLU gate and up halves
+    else:
+        pieces = (direction,)
+    return torch.cat([paper_orthogonal_update(x) for x in pieces])
 
 
-@pytest.fixture(scope="module")
-def built(megatron_world1):
+@pytest.fixture(scope="module", params=["sequential", "grouped"])
+def built(megatron_world1, request):
     from dsv4_train.train.loop import build_model_chunks
     from dsv4_train.train.optimizer import build_optimizer
 
-    cfg = compose(["conf=tiny_pretrain", "optim.optimizer=muon", "optim.clip_grad=0", f"optim.weight_decay={WD}"])
+    cfg = compose(["conf=tiny_pretrain", "optim.optimizer=muon", "optim.clip_grad=0", f"optim.weight_decay={WD}",
+                   f"model.moe_expert_compute={request.param}"])
     torch.manual_seed(0)
     chunks = build_model_chunks(cfg)
     optimizer, _ = build_optimizer(chunks, cfg=cfg)
@@ -44,14 +53,17 @@ def _inner(optimizer):
 
 
 def test_parameter_split(built):
-    _, chunks, optimizer = built
+    cfg, chunks, optimizer = built
     muon = {p for sub in _inner(optimizer) for p in sub.layouts}
     names = dict((p, n) for n, p in chunks[0].named_parameters())
     adamw = sorted(n for p, n in names.items() if p not in muon)
     assert all(any(k in n for k in ADAMW_NAMES) for n in adamw), adamw
     assert all(names[p].endswith(".fn") or names[p].endswith("weight") for p in muon)
-    assert all(p.dim() == 2 for p in muon)
-    for must in ("hc_attn.fn", "experts.local_experts.7.linear_fc1.weight", "router.weight", "wo_a.weight",
+    stacked = {names[p] for p in muon if p.dim() != 2}
+    assert all(name.endswith(("experts.fc1_weight", "experts.fc2_weight")) for name in stacked), stacked
+    experts = (("experts.fc1_weight", "experts.fc2_weight") if cfg.model.moe_expert_compute == "grouped"
+               else ("experts.local_experts.7.linear_fc1.weight", "experts.local_experts.7.linear_fc2.weight"))
+    for must in ("hc_attn.fn", *experts, "router.weight", "wo_a.weight",
                  "compressor.wkv.weight", "indexer.wq_b.weight", "e_proj.weight", "hc_head.fn"):
         assert any(must in names[p] for p in muon), must
     assert not any("expert_bias" in n for n in names.values())  # a buffer of the load balancer
@@ -80,7 +92,7 @@ def test_two_steps_match_paper_formulas(built):
             if id(p) in muon:
                 mom[n] = 0.95 * mom[n] + g
                 direction = g + 0.95 * mom[n]
-                update = torch.cat([paper_orthogonal_update(x) for x in _logical_pieces(n, direction, cfg.model.o_groups)])
+                update = _reference_update(n, direction, cfg.model.o_groups)
                 ref[n] = ref[n] * (1 - LR * wd) - LR * update
             else:
                 m1[n] = 0.9 * m1[n] + 0.1 * g
