@@ -19,6 +19,7 @@ import torch
 from dsv4_train.checkpoint.io import TrainState, save_checkpoint
 from dsv4_train.checkpoint.resume import checkpoint_root, choose_verified, plan_resume, restore_or_save_initial
 from dsv4_train.config.schema import Config
+from dsv4_train.model import recompute
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.evaluate import evaluate
 from dsv4_train.train.metrics import MetricsSink
@@ -66,6 +67,7 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
     transformer_config.batch_p2p_comm = False
     if cfg.train.recompute == "full":
         transformer_config.recompute_granularity = "full"  # read by DSV4Model.forward
+    recompute.configure(transformer_config, cfg.train.recompute, cfg.train.recompute_modules)
     if par.pp == 1:
         stages = [None]  # the whole model
     else:
