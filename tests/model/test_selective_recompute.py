@@ -67,3 +67,19 @@ def test_selective_recompute_equals_none(megatron_world1, monkeypatch, expert_co
         assert error <= TOLERANCE, (name, error)
     print(f"\n{expert_compute} {modules or 'default'}: loss {abs(loss_sel - loss) / abs(loss):.1e}, "
           f"worst gradient {worst:.1e}, recomputed forwards {count}")
+
+
+@pytest.mark.parametrize("modules,expected", [([], ("mhc", "moe_act")), (["moe_act"], ("moe_act",))])
+def test_trainer_model_carries_the_selection(megatron_world1, modules, expected):
+    """The trainer's model (train/loop.py) hands the selection to every block and expert module,
+    including the MoE's copied configs: a selection lost on the way would skip recompute silently."""
+    from dsv4_train.config.load import compose
+    from dsv4_train.model.block import V4Block
+    from dsv4_train.model.grouped_experts import GroupedExperts
+    from dsv4_train.train.loop import build_model_chunks
+
+    cfg = compose(["conf=tiny_pretrain", "train.recompute=selective", f"train.recompute_modules=[{','.join(modules)}]"])
+    (chunk,) = build_model_chunks(cfg)
+    checked = [m for m in chunk.modules() if isinstance(m, (V4Block, GroupedExperts))]
+    assert len(checked) == 2 * (cfg.model.num_layers + cfg.model.mtp_num_layers)
+    assert all(m.config.dsv4_recompute_modules == expected for m in checked)
