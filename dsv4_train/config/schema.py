@@ -110,9 +110,12 @@ class TrainConfig:
     seq_length: int = 64
     precision: str = "fp32"  # fp32 | bf16
     log_interval: int = 1
-    # Activation recompute: none | selective (norms, q up-projection, SwiGLU, mHC mixing) | full
-    # (every block recomputed from its input streams). Also the assumption of the memory plan.
+    # Activation recompute: none | selective (the modules in recompute_modules) | full (every block
+    # recomputed from its input streams). Also the assumption of the memory plan.
     recompute: str = "none"
+    # With recompute=selective: which parts to recompute (model/recompute.py: mhc, moe_act);
+    # [] = all of them.
+    recompute_modules: List[str] = field(default_factory=list)
     deterministic: bool = False
     # Validation loss: eval_iters global batches of the validation split (0 = never), every
     # eval_interval steps (0 = only at the end of training) and at the end.

@@ -15,6 +15,7 @@ from typing import List, Optional
 from dsv4_train.config.derive import default_layout, parse_layout, stage_settings
 from dsv4_train.config.model import ATTENTION_BACKENDS
 from dsv4_train.model.blocking import context_parallel_halo
+from dsv4_train.model.recompute import RECOMPUTE_MODULES
 
 PRECISIONS = ("fp32", "bf16")
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -305,17 +306,26 @@ def check_layout(layout: str, cfg, vpp: int, problems: List[str]) -> None:
         )
 
 
+def check_recompute_modules(t, problems: List[str]) -> None:
+    unknown = [name for name in t.recompute_modules if name not in RECOMPUTE_MODULES]
+    if unknown:
+        problems.append(
+            f"train.recompute_modules has unknown module(s) {unknown}; allowed: {list(RECOMPUTE_MODULES)}."
+        )
+    if t.recompute_modules and t.recompute != "selective":
+        problems.append(
+            f"train.recompute_modules={list(t.recompute_modules)} needs train.recompute=selective "
+            f"(it is {t.recompute}); set train.recompute=selective or train.recompute_modules=[]."
+        )
+
+
 def check_train(cfg, problems: List[str]) -> None:
     t, o, m = cfg.train, cfg.optim, cfg.model
     for name in ("max_steps", "global_batch_size", "micro_batch_size", "seq_length", "log_interval"):
         _positive(problems, f"train.{name}", getattr(t, name))
     _one_of(problems, "train.precision", t.precision, PRECISIONS)
     _one_of(problems, "train.recompute", t.recompute, RECOMPUTE_MODES)
-    if t.recompute == "selective":
-        problems.append(
-            "train.recompute=selective is accepted by the memory plan but not implemented in training yet; "
-            "use train.recompute=full (every V4 block recomputed from its input streams) or none."
-        )
+    check_recompute_modules(t, problems)
     if t.micro_batch_size > 0 and t.global_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
         problems.append(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "

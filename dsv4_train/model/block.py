@@ -16,6 +16,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.config.model import ModelConfig
+from dsv4_train.model import recompute
 from dsv4_train.model.primitives import RMSNorm
 from dsv4_train.model.mhc import HyperConnection
 from dsv4_train.model.moe import V4MoELayer
@@ -78,10 +79,25 @@ class V4Block(MegatronModule):
         """streams [s, b, n, d], token_ids [s, b], position_ids [s] or None -> [s, b, n, d];
         cp: this rank's `ContextParallelSlice` (parallel/context.py) or None; documents: the packed
         documents (model/documents.py) or None."""
-        x_in, post, comb = self.hc_attn.pre(streams)
-        attn_out = self.attn(self.attn_norm(x_in), position_ids=position_ids, cp=cp, documents=documents)
-        streams = HyperConnection.post(attn_out, streams, post, comb)
+        drop = recompute.active(self.config, "mhc")
+        (x, post, mixed), dropped = recompute.run_dropping_outputs(drop, self._attn_input, streams)
+        attn_out = self.attn(x, position_ids=position_ids, cp=cp, documents=documents)
+        streams = HyperConnection.expand(attn_out, mixed, post)
+        recompute.release(dropped, streams)  # before the expansion's backward reads post
 
+        (x, post, mixed), dropped = recompute.run_dropping_outputs(drop, self._ffn_input, streams)
+        ffn_out = self.ffn(x, token_ids=token_ids)
+        streams = HyperConnection.expand(ffn_out, mixed, post)
+        recompute.release(dropped, streams)
+        return streams
+
+    def _attn_input(self, streams: torch.Tensor):
+        """Everything of the attention sub-layer's mHC that reads only `streams`: (normed input,
+        post, mixed streams). The stream mixing is in here so that the streams' gradient sums its
+        parts in the same order with and without recompute (bitwise-equal gradients)."""
+        x_in, post, comb = self.hc_attn.pre(streams)
+        return self.attn_norm(x_in), post, HyperConnection.mix(streams, comb)
+
+    def _ffn_input(self, streams: torch.Tensor):
         x_in, post, comb = self.hc_ffn.pre(streams)
-        ffn_out = self.ffn(self.ffn_norm(x_in), token_ids=token_ids)
-        return HyperConnection.post(ffn_out, streams, post, comb)
+        return self.ffn_norm(x_in), post, HyperConnection.mix(streams, comb)

@@ -28,6 +28,9 @@ from typing import List
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from dsv4_train.model import recompute
+from dsv4_train.model.swiglu import expert_activation
+
 
 def padded_row_index(tokens_per_expert: List[int], capacity: int, device) -> torch.Tensor:
     """Row r of expert e's block (in the expert-sorted token order) -> row e * capacity + r of
@@ -64,6 +67,19 @@ class BatchedSequentialMLP(SequentialMLP):
         fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])  # [E, d, f]
         gate_up = torch.bmm(padded.view(num_experts, capacity, -1), fc1.transpose(1, 2))  # [E, C, 2f]
 
+        intermediate, dropped = recompute.run_dropping_outputs(
+            recompute.active(config, "moe_act"), self._activation, gate_up
+        )  # [E, C, f]
+        out = torch.bmm(intermediate, fc2.transpose(1, 2))  # [E, C, d]
+        recompute.release(dropped, out)
+        out = out.reshape(num_experts * capacity, -1).index_select(0, rows)  # [tokens, d]
+        # The routing weight scales the expert's OUTPUT, as in the official code (and transformers);
+        # Megatron's MLP scales the intermediate before fc2: equal by linearity, rounded differently.
+        return (out * permuted_probs.unsqueeze(-1)).to(out.dtype), None
+
+    def _activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """Megatron's unfused clamped GLU (`MLP.forward`), gate_up [E, C, 2f] -> [E, C, f]."""
+        config = self.config
         gate, up = torch.chunk(gate_up, 2, dim=-1)
         limit = config.activation_func_clamp_value
         if limit is not None:
@@ -71,10 +87,28 @@ class BatchedSequentialMLP(SequentialMLP):
             up = up.clamp(min=-limit, max=limit)
         if config.glu_linear_offset:
             up = up + config.glu_linear_offset
-        intermediate = config.activation_func(gate) * up  # [E, C, f]
+        return config.activation_func(gate) * up
 
-        out = torch.bmm(intermediate, fc2.transpose(1, 2))  # [E, C, d]
-        out = out.reshape(num_experts * capacity, -1).index_select(0, rows)  # [tokens, d]
-        # The routing weight scales the expert's OUTPUT, as in the official code (and transformers);
-        # Megatron's MLP scales the intermediate before fc2: equal by linearity, rounded differently.
-        return (out * permuted_probs.unsqueeze(-1)).to(out.dtype), None
+
+class RecomputingSequentialMLP(SequentialMLP):
+    """`SequentialMLP` (one MLP per expert); with selective `moe_act` each expert's clamped SwiGLU x
+    prob runs under `CheckpointWithoutOutput` (model/recompute.py) between its own fc1 and fc2."""
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor):
+        if not recompute.active(self.config, "moe_act"):
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        config = self.config
+        assert not (config.fp8 or config.fp4 or config.moe_apply_probs_on_input or config.add_bias_linear), (
+            "moe_act recompute of sequential experts implements the bias-free, unquantised path V4 uses")
+        activation = expert_activation(config)
+        counts = tokens_per_expert.tolist()
+        outputs = []
+        for expert, tokens, probs in zip(self.local_experts, torch.split(permuted_local_hidden_states, counts),
+                                         torch.split(permuted_probs, counts)):
+            gate_up, _ = expert.linear_fc1(tokens)
+            intermediate, dropped = recompute.run_dropping_outputs(True, activation, gate_up, probs)
+            output, _ = expert.linear_fc2(intermediate)
+            recompute.release(dropped, output)
+            outputs.append(output)
+        return torch.cat(outputs, dim=0), None

@@ -30,8 +30,8 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
-from dsv4_train.model import grouped_checkpoint
-from dsv4_train.model.swiglu import clamped_swiglu
+from dsv4_train.model import grouped_checkpoint, recompute
+from dsv4_train.model.swiglu import expert_activation
 
 # torch._grouped_mm needs 16-byte-aligned row strides: 8 elements in bf16 (the narrowest dtype run).
 _ALIGN_ELEMENTS = 8
@@ -110,9 +110,12 @@ class GroupedExperts(MegatronModule):
             return hidden * 0.0 + zero.to(hidden.dtype), None
         offsets = torch.cumsum(tokens_per_expert.to(device=hidden.device), 0).to(torch.int32)
         gate_up = grouped_linear(hidden, self.fc1_weight, offsets)  # [N, 2f]
-        intermediate = clamped_swiglu(gate_up, permuted_probs, self.config.activation_func_clamp_value,
-                                      self.config.glu_linear_offset or 0.0)  # [N, f]
-        return grouped_linear(intermediate, self.fc2_weight, offsets), None  # [N, d]
+        intermediate, dropped = recompute.run_dropping_outputs(
+            recompute.active(self.config, "moe_act"), expert_activation(self.config), gate_up, permuted_probs
+        )  # [N, f]
+        output = grouped_linear(intermediate, self.fc2_weight, offsets)  # [N, d]
+        recompute.release(dropped, output)
+        return output, None
 
     # --- checkpoints: SequentialMLP's per-expert keys (model/grouped_checkpoint.py) ---------------
     def _global_experts(self):

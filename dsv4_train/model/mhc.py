@@ -179,9 +179,17 @@ class HyperConnection(MegatronModule):
     @staticmethod
     def post(output: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """Expand + mix: new[k] = post_k * f + sum_j comb[j, k] * X[j]; output [s, b, d] -> [s, b, n, d]."""
-        dtype = streams.dtype
-        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
-        return post.to(dtype).unsqueeze(-1) * output.unsqueeze(-2) + mixed
+        return HyperConnection.expand(output, HyperConnection.mix(streams, comb), post)
+
+    @staticmethod
+    def mix(streams: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """sum_j comb[j, k] * X[j]: [s, b, n, d]."""
+        return torch.matmul(comb.to(streams.dtype).transpose(-1, -2), streams)
+
+    @staticmethod
+    def expand(output: torch.Tensor, mixed: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        """post_k * f + mixed[k]: output [s, b, d] -> [s, b, n, d]."""
+        return post.to(mixed.dtype).unsqueeze(-1) * output.unsqueeze(-2) + mixed
 
 
 class HyperHead(MegatronModule):

@@ -34,12 +34,11 @@ from typing import Optional
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
 from dsv4_train.config.model import ModelConfig
-from dsv4_train.model.experts import BatchedSequentialMLP
+from dsv4_train.model.experts import BatchedSequentialMLP, RecomputingSequentialMLP
 from dsv4_train.model.grouped_experts import GroupedExperts
 from dsv4_train.model.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from dsv4_train.model.router import HashRouter, ScoredRouter
@@ -53,7 +52,7 @@ def _shared_experts(*, config, pg_collection, gate, submodules, name=None):
     return SharedExpertMLP(config=config, submodules=submodules, gate=gate, pg_collection=pg_collection, name=name)
 
 
-_EXPERT_CLASSES = {"grouped": GroupedExperts, "batched": BatchedSequentialMLP, "sequential": SequentialMLP}
+_EXPERT_CLASSES = {"grouped": GroupedExperts, "batched": BatchedSequentialMLP, "sequential": RecomputingSequentialMLP}
 
 
 def _experts_class(model_cfg: ModelConfig, config):

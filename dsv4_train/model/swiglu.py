@@ -66,3 +66,9 @@ class ClampedSwiGLU(torch.autograd.Function):
 
 def clamped_swiglu(gate_up: torch.Tensor, prob: torch.Tensor, limit: Optional[float], offset: float = 0.0):
     return ClampedSwiGLU.apply(gate_up, prob, limit, offset)
+
+
+def expert_activation(config):
+    """gate_up, prob -> the experts' clamped SwiGLU x prob with `config`'s clamp and GLU offset."""
+    limit, offset = config.activation_func_clamp_value, config.glu_linear_offset or 0.0
+    return lambda gate_up, prob: clamped_swiglu(gate_up, prob, limit, offset)

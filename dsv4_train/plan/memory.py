@@ -19,8 +19,9 @@ largest attention backward working set (`attention_working_bytes`: the core's gr
 one query block's scores). One attention layer's estimate is checked against the measured
 allocation peak in tests/plan. MoE/mHC parts are divided by TP when sequence parallel is on and
 everything by CP. Recompute
-modes: "none"; "selective" recomputes norms, the q up-projection, SwiGLU and mHC mixing (keeps the
-projections' inputs); "full" keeps only each block's input streams. Pipeline rank r holds
+modes: "none"; "selective" drops what model/recompute.py's modules drop (`mhc`: the norm outputs,
+mixed streams and Sinkhorn matrices; `moe_act`: the routed experts' SwiGLU output); "full" keeps
+only each block's input streams. bench/bench_recompute_memory.py compares with measured peaks. Pipeline rank r holds
 min(pp - r, num_microbatches) micro-batches in flight (1F1B), times 1 + (pp-1)/(pp*vpp) when
 interleaved. A fixed allowance covers the CUDA context, NCCL buffers and fragmentation.
 """
@@ -31,6 +32,7 @@ import functools
 
 from dsv4_train.config.model import CSA_RATIO
 from dsv4_train.model.blocking import attention_block_elements, auto_block_size, indexer_block_elements
+from dsv4_train.model.recompute import RECOMPUTE_MODULES, selected_modules
 from dsv4_train.plan.params import count_params
 
 GIB = 1024**3
@@ -51,8 +53,15 @@ def plan_backend(m) -> str:
     return "dense" if m.attention_backend == "dense" else "blockwise"
 
 
+def sinkhorn_kept_per_token(m) -> float:
+    """Values one mHC's Sinkhorn projection keeps per token (model/mhc.py `_SinkhornComb`: the
+    softmax and each of the 2 * iters - 1 normalised [n, n] matrices and their [n] sums)."""
+    n = m.hc_mult
+    return n * n + (2 * m.hc_sinkhorn_iters - 1) * (n * n + n)
+
+
 def activation_elements_per_token(
-    m, *, ratio: int, tp: int, sp: bool, recompute: str, seq_length: int, act_bytes: int
+    m, *, ratio: int, tp: int, sp: bool, recompute: str, seq_length: int, act_bytes: int, modules=RECOMPUTE_MODULES
 ) -> float:
     """Elements kept per token by one block for backward, on one TP rank.
 
@@ -64,15 +73,16 @@ def activation_elements_per_token(
     streams = 2 * n * d  # mHC input streams of both sub-layers
     if recompute == "full":
         return n * d / (tp if sp else 1)
-    selective = recompute == "selective"
+    modules = modules if recompute == "selective" else ()
     # Sequence-split parts (replicated over TP unless sequence parallel).
-    seq_parts = streams + 2 * d  # collapsed sub-layer inputs
-    if not selective:
-        seq_parts += 2 * d + 2 * n * d  # RMSNorm outputs, mHC mixed streams
+    seq_parts = streams + 2 * d + 2 * d  # collapsed sub-layer inputs; outputs (the expansion's post * f keeps them)
+    if "mhc" not in modules:  # model/recompute.py drops these with `mhc`
+        seq_parts += 2 * d + 2 * n * d + 2 * sinkhorn_kept_per_token(m)  # RMSNorm outputs, mixed streams, Sinkhorn
     seq_parts += 2 * m.num_routed_experts  # fp32 router logits
     k = m.num_experts_per_tok
     f = m.moe_intermediate_size
-    moe = k * (d + 2 * f + (0 if selective else f)) + m.num_shared_experts * (d + 2 * f + (0 if selective else f))
+    routed_act = 0 if "moe_act" in modules else f  # the SwiGLU output fc2 keeps
+    moe = k * (d + 2 * f + routed_act) + m.num_shared_experts * (d + 3 * f)  # the shared expert: no recompute
     seq_parts += moe  # expert inputs are token copies; EP moves them, it does not shrink them
     attention = attention_kept_per_token(
         m, ratio=ratio, tp=tp, backend=plan_backend(m), seq_length=seq_length, act_bytes=act_bytes
@@ -82,7 +92,7 @@ def activation_elements_per_token(
 
 def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
     """Per pipeline rank: dict of parameter counts and bytes (weights, grads, optimizer,
-    activations, overhead, total)."""
+    activations, overhead, total). Selective: the modules of `train.recompute_modules` ([] = all)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     params = count_params(m)
     bpp = bytes_per_param(t.precision)
@@ -92,7 +102,8 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
     expert_shard = derived.edp if p.distributed_optimizer else 1
     tokens = t.micro_batch_size * t.seq_length / p.cp
     seq_local = t.seq_length // p.cp  # each CP rank's queries (keys: its halo + the gathered entries)
-    per_token = dict(tp=p.tp, sp=p.sp, recompute=recompute, seq_length=seq_local, act_bytes=act_bytes)
+    modules = selected_modules("selective", t.recompute_modules)
+    per_token = dict(tp=p.tp, sp=p.sp, recompute=recompute, seq_length=seq_local, act_bytes=act_bytes, modules=modules)
     vpp = derived.vpp
     interleave = 1 + (p.pp - 1) / (p.pp * vpp) if vpp > 1 else 1.0
     ratios = m.compress_ratios

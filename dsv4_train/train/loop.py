@@ -8,6 +8,7 @@ from typing import List
 import torch
 
 from dsv4_train.config.schema import Config
+from dsv4_train.model import recompute
 from dsv4_train.train.optimizer import distributed_optimizer_on
 
 
@@ -48,6 +49,7 @@ def build_model_chunks(cfg: Config, derived=None) -> List[torch.nn.Module]:
     transformer_config.batch_p2p_comm = False
     if cfg.train.recompute == "full":
         transformer_config.recompute_granularity = "full"  # read by DSV4Model.forward
+    recompute.configure(transformer_config, cfg.train.recompute, cfg.train.recompute_modules)
     if par.pp == 1:
         stages = [None]  # the whole model
     else:

@@ -80,7 +80,7 @@ def test_batched_experts_match_sequential(megatron_world1, counts_kind, dtype):
 def test_model_config_selects_expert_path(megatron_world1):
     from megatron.core.transformer.moe.experts import SequentialMLP
 
-    from dsv4_train.model.experts import BatchedSequentialMLP
+    from dsv4_train.model.experts import BatchedSequentialMLP, RecomputingSequentialMLP
     from v4_model_helpers import build_tiny
 
     from dsv4_train.model.grouped_experts import GroupedExperts
@@ -90,7 +90,9 @@ def test_model_config_selects_expert_path(megatron_world1):
     grouped = build_tiny(moe_expert_compute="grouped")
     auto = build_tiny()  # auto = grouped
     assert type(batched.layers[0].ffn.experts) is BatchedSequentialMLP
-    assert type(sequential.layers[0].ffn.experts) is SequentialMLP
+    # Megatron's SequentialMLP; only its moe_act recompute (model/recompute.py) is ours.
+    assert type(sequential.layers[0].ffn.experts) is RecomputingSequentialMLP
+    assert RecomputingSequentialMLP.__bases__ == (SequentialMLP,)
     assert type(grouped.layers[0].ffn.experts) is GroupedExperts
     assert type(auto.layers[0].ffn.experts) is GroupedExperts
     # Same parameter names (batched) and state-dict keys (all three), so checkpoints are interchangeable.
