@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from dsv4_train.runtime import cpu_compat
+from dsv4_train import mcore
 
-cpu_compat.apply()
+mcore.apply(cpu=True)
 
 
 def measure(overrides, mode: str, modules):
