@@ -266,3 +266,15 @@ def derive(cfg, *, world_size: Optional[int] = None) -> Derived:
         stages=build_stages(layout, pp=p.pp, num_hash_layers=m.num_hash_layers),
         train_stages=resolve_train_stages(cfg, dp),
     )
+
+
+# Selective recompute's modules (model/recompute.py implements them). Here, torch-free, because
+# validation and the plan read them before torch is imported.
+RECOMPUTE_MODULES = ("mhc", "moe_act")
+
+
+def selected_modules(recompute: str, modules) -> tuple:
+    """The modules a run recomputes: none unless selective; an empty list means all of them."""
+    if recompute != "selective":
+        return ()
+    return tuple(modules) if modules else RECOMPUTE_MODULES

@@ -12,10 +12,9 @@ import dataclasses
 import math
 from typing import List, Optional
 
-from dsv4_train.config.derive import default_layout, parse_layout, stage_settings
+from dsv4_train.config.derive import RECOMPUTE_MODULES, default_layout, parse_layout, stage_settings
 from dsv4_train.config.model import ATTENTION_BACKENDS
 from dsv4_train.model.blocking import context_parallel_halo
-from dsv4_train.model.recompute import RECOMPUTE_MODULES
 
 PRECISIONS = ("fp32", "bf16")
 RECOMPUTE_MODES = ("none", "selective", "full")

@@ -26,14 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-RECOMPUTE_MODULES = ("mhc", "moe_act")
-
-
-def selected_modules(recompute: str, modules: Sequence[str]) -> tuple:
-    """The modules a run recomputes: none unless selective; an empty list means all of them."""
-    if recompute != "selective":
-        return ()
-    return tuple(modules) if modules else RECOMPUTE_MODULES
+from dsv4_train.config.derive import RECOMPUTE_MODULES, selected_modules  # noqa: F401 (torch-free names)
 
 
 def configure(transformer_config, recompute: str, modules: Sequence[str]) -> None:

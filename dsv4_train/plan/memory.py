@@ -32,7 +32,7 @@ import functools
 
 from dsv4_train.config.model import CSA_RATIO
 from dsv4_train.model.blocking import attention_block_elements, auto_block_size, indexer_block_elements
-from dsv4_train.model.recompute import RECOMPUTE_MODULES, selected_modules
+from dsv4_train.config.derive import RECOMPUTE_MODULES, selected_modules
 from dsv4_train.plan.params import count_params
 
 GIB = 1024**3
