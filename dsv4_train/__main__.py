@@ -1,50 +1,25 @@
 """`python -m dsv4_train conf=<recipe> [key=value ...]`: compose the config with Hydra and run it.
 
-Before Hydra creates any output directory, the command line is composed, typed and validated, and
-the data inputs and a requested checkpoint are checked (`run_with_friendly_errors`); a mistake ends
-the process with one message and exit status 2.
+A single run goes through dsv4_train/entry.py (composed once, checked before anything is written).
+Sweeps (`-m`), `--cfg` and `--help` go through `hydra_entry` below, Hydra's own entry, after the
+sweep pre-flight has composed and validated every point (config/errors.py); each sweep job is then
+typed, validated and derived once inside Hydra.
 """
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dsv4_train.config.load import CONFIG_DIR, exit_on_config_error, run_with_friendly_errors, to_typed
+from dsv4_train.config.load import CONFIG_DIR, exit_on_config_error, to_typed
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 @exit_on_config_error
-def _hydra_entry(cfg: DictConfig) -> float:
-    from dsv4_train.cli import EXIT_USER_ERROR, execute, report_user_error
+def hydra_entry(cfg: DictConfig) -> float:
+    from dsv4_train.cli import prepare, run_task
 
-    in_sweep = _in_multirun()
-    try:
-        outcome = execute(to_typed(cfg), yaml_text=OmegaConf.to_yaml(cfg, resolve=True))
-    except ValueError as error:  # data / checkpoint input errors found inside the job
-        report_user_error(error)
-        if in_sweep:
-            return float("nan")  # a failed trial (result.json says why); the sweep goes on
-        sys.exit(EXIT_USER_ERROR)
-    except Exception:
-        if not in_sweep:
-            raise
-        import traceback
-
-        traceback.print_exc()  # into this job's log; result.json records the error
-        return float("nan")
-    finally:
-        from dsv4_train.launch import run_lock
-
-        run_lock.release_all()  # a sweep runs its jobs in one process, each in its own run.dir
-    code, objective = outcome if isinstance(outcome, tuple) else (outcome, float("nan"))
-    if in_sweep:
-        return objective  # what a sweeper (Optuna) optimises; NaN marks a failed or diverged trial
-    if code:
-        sys.exit(code)
-    return objective
+    return run_task(prepare(to_typed(cfg)), yaml_text=OmegaConf.to_yaml(cfg, resolve=True), in_sweep=_in_multirun())
 
 
 def _in_multirun() -> bool:
@@ -55,9 +30,9 @@ def _in_multirun() -> bool:
 
 
 def main() -> None:
-    from dsv4_train.cli import preflight_inputs
+    from dsv4_train.entry import main as entry_main
 
-    run_with_friendly_errors(_hydra_entry, extra_check=preflight_inputs)
+    entry_main(hydra_entry)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What `python -m dsv4_train` does with a composed config: validate, derive, then plan or train.
+"""What `python -m dsv4_train` does with a composed config: validate and derive (`prepare`), then plan
+or train (`execute`).
 
 User errors (ValueError and its subclasses: config, data, checkpoint) end the process with one
 message paragraph and exit code 2, without a traceback and before anything is written.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
+from dataclasses import dataclass
+from typing import Optional, TextIO
 
 from dsv4_train.config.schema import Config
 
@@ -105,26 +107,41 @@ def quiet_library_logs() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
-def execute(cfg: Config, *, yaml_text: str):
-    """Validate, derive, and run the plan or the training. Returns (exit code, objective) for a
-    training run (train/objective.py), the exit code for a plan."""
-    quiet_library_logs()
+@dataclass(frozen=True)
+class PreparedRun:
+    """A validated config and what is derived from it: all the runtime needs to start."""
+
+    cfg: Config
+    derived: object  # config/derive.py Derived
+    world_size: Optional[int]  # None: a plan on one process describes the layout's own world
+
+
+def prepare(cfg: Config) -> PreparedRun:
+    """Validate `cfg` for the launched world (every rule, config/validate.py) and derive from it."""
     from dsv4_train.config.derive import derive
     from dsv4_train.config.validate import validate
     from dsv4_train.launch.env import discover
 
+    launched = discover().world_size
+    world_size = None if (cfg.run.plan_only and launched == 1) else launched
+    validate(cfg, world_size=world_size)
+    return PreparedRun(cfg, derive(cfg, world_size=world_size), world_size)
+
+
+def execute(run: PreparedRun, *, yaml_text: str, inputs_checked: bool = False):
+    """Run the plan or the training of a prepared run. Returns (exit code, objective) for a training
+    run (train/objective.py), the exit code for a plan. `inputs_checked`: `preflight_inputs` already
+    ran in this process (the single-run entry checks them before Hydra writes anything)."""
+    quiet_library_logs()
+    from dsv4_train.launch.env import discover
     from dsv4_train.launch.preemption import PreemptionWatcher
 
     PreemptionWatcher.install()  # from here on a stop signal is recorded, never a silent kill
-    process = discover()
-    # A plan made on a laptop describes the layout's own world size (parallel.world_size).
-    world_size = None if (cfg.run.plan_only and process.world_size == 1) else process.world_size
-    validate(cfg, world_size=world_size)
-    derived = derive(cfg, world_size=world_size)
+    cfg, process = run.cfg, discover()
     if cfg.run.plan_only:
         from dsv4_train.plan import make_plan, print_plan, refusal, write_plan
 
-        plan = make_plan(cfg, world_size=world_size)
+        plan = make_plan(cfg, world_size=run.world_size)
         if process.rank == 0:
             print_plan(plan)
             os.makedirs(cfg.run.dir, exist_ok=True)
@@ -139,14 +156,42 @@ def execute(cfg: Config, *, yaml_text: str):
         from dsv4_train import mcore
 
         mcore.apply(cpu=True)  # before anything imports Megatron-Core (run.device=cpu on a GPU host too)
-    preflight_inputs(cfg)
+    if not inputs_checked:
+        preflight_inputs(cfg)
     if process.rank == 0:
         lock_run_directories(cfg)
     _prepare_run_dir(cfg, yaml_text, process.rank)
     from dsv4_train.train.trainer import run_training
     from dsv4_train.train.objective import record_run
 
-    return record_run(cfg, lambda: run_training(cfg, derived), is_main=process.rank == 0)
+    return record_run(cfg, lambda: run_training(cfg, run.derived), is_main=process.rank == 0)
+
+
+def run_task(run: PreparedRun, *, yaml_text: str, in_sweep: bool, inputs_checked: bool = False) -> float:
+    """The Hydra task around `execute`: a user error is one message (exit 2, or a failed trial in a
+    sweep, which goes on); returns the objective a sweeper optimises (NaN: failed or diverged)."""
+    try:
+        outcome = execute(run, yaml_text=yaml_text, inputs_checked=inputs_checked)
+    except ValueError as error:  # data / checkpoint input errors found inside the job
+        report_user_error(error)
+        if in_sweep:
+            return float("nan")  # a failed trial (result.json says why); the sweep goes on
+        sys.exit(EXIT_USER_ERROR)
+    except Exception:
+        if not in_sweep:
+            raise
+        import traceback
+
+        traceback.print_exc()  # into this job's log; result.json records the error
+        return float("nan")
+    finally:
+        from dsv4_train.launch import run_lock
+
+        run_lock.release_all()  # a sweep runs its jobs in one process, each in its own run.dir
+    code, objective = outcome if isinstance(outcome, tuple) else (outcome, float("nan"))
+    if code and not in_sweep:
+        sys.exit(code)
+    return objective
 
 
 def report_user_error(error: BaseException) -> None:

@@ -1,10 +1,12 @@
-"""One-paragraph messages for configuration mistakes, and the wrapper the entry point runs under.
+"""One-paragraph messages for configuration mistakes, and the sweep pre-flight.
 
 Hydra reports composition errors as several lines plus a config search path, and errors raised
-inside the task with a traceback. `run_with_friendly_errors` composes (and for `-m`, every sweep
-value) with the compose API *before* handing over to `@hydra.main`, so an unknown key, a wrong type,
-an unknown recipe or group option, or a failed `validate()` ends the process with exit status 2 and
-a single message naming the key or value and the fix, before any output directory is created.
+inside the task with a traceback. `friendly_message` turns them into one message naming the key or
+value and the fix, from the facts Hydra and OmegaConf attach to their exceptions (the missing config
+file and its options, the full key). A single run is checked in dsv4_train/entry.py; for `-m`,
+`--cfg` and `--help`, `run_with_friendly_errors` composes every sweep point with the compose API
+*before* handing over to `@hydra.main`, so a mistake in any of them ends the process with exit
+status 2 before any output directory is created.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -40,11 +41,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
-
-
-def _full_key(text: str) -> Optional[str]:
-    m = re.search(r"full_key:\s*(\S+)", text)
-    return m.group(1) if m else None
 
 
 def _schema_fields(full_key: str) -> List[str]:
@@ -78,11 +74,8 @@ def friendly_message(exc: BaseException) -> str:
     from hydra.errors import MissingConfigException, OverrideParseException
 
     text = str(exc)
-    if isinstance(exc, MissingConfigException) or "Could not find '" in text:
-        m = re.search(r"Could not find '([^']+)'", text)
-        missing = m.group(1) if m else "?"
-        group, _, value = missing.rpartition("/")
-        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, value = exc.missing_cfg_file.rpartition("/")
         if group == "conf":
             what = f"Unknown recipe conf={value}"
             where = "recipes/"
@@ -90,8 +83,8 @@ def friendly_message(exc: BaseException) -> str:
             what = f"Unknown option {group}={value}"
             where = f"conf/{group}/"
         else:
-            what, where = f"Cannot find config '{missing}'", "conf/"
-        avail = f" Available: {', '.join(options)}." if options else ""
+            what, where = f"Cannot find config '{exc.missing_cfg_file}'", "conf/"
+        avail = f" Available: {', '.join(exc.options)}." if exc.options else ""
         return f"{what}: there is no {where}{value}.yaml.{avail} Pick one of them (or add the file)."
     if isinstance(exc, OverrideParseException):
         first = text.splitlines()[0] if text else ""
@@ -99,16 +92,9 @@ def friendly_message(exc: BaseException) -> str:
             f"{_one_line(first)}: command-line overrides look like key=value (train.max_steps=10), "
             "group=option (model=flash, conf=flash_pretrain), or +key=value to add a new key."
         )
-    if "Ambiguous value for argument" in text:
-        m = re.search(r"argument '([^']+)'", text)
-        arg = m.group(1) if m else "?"
-        return (
-            f"The override '{arg}' has a comma-separated value: add -m (--multirun) to sweep over the "
-            "values, quote it (key='a,b') for a string, or write key=[a,b] for a list."
-        )
     cause = _root_cause(exc)
     ctext = str(cause)
-    key = _full_key(ctext)
+    key = getattr(cause, "full_key", None)  # OmegaConf's errors carry the dotted key
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
         return (
             f"Unknown config key '{key}': {_one_line(ctext.splitlines()[0])}.{_did_you_mean(key)} "
@@ -175,10 +161,24 @@ def _interval_ends(override) -> List[str]:
     return [str(interval.start), str(interval.end)]
 
 
+def refuse_sweep_values(overrides: Sequence[str]) -> None:
+    """A run (no -m) given a comma-separated or range value: say how to sweep or quote it (Hydra
+    would refuse it at composition with a generic 'Ambiguous value')."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        if o.is_sweep_override():
+            raise ValueError(
+                f"The override '{o.input_line}' gives several values: add -m (--multirun) to sweep over "
+                "the values, quote it (key='a,b') for a string, or write key=[a,b] for a list."
+            )
+
+
 def override_sets(overrides: Sequence[str], *, multirun: bool, config_dir: str) -> List[List[str]]:
     """The override lists to pre-compose: the overrides themselves, or for a sweep one list per
     swept value (the other sweeps at their first value), which checks every value once."""
     if not multirun:
+        refuse_sweep_values(overrides)
         return [list(overrides)]
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob, IntervalSweep

@@ -4,11 +4,7 @@ and the friendly reporting of configuration mistakes.
     from dsv4_train.config.load import CONFIG_DIR, compose, to_typed
     cfg = compose(["conf=flash_pretrain", "parallel.pp=8"])          # -> Config
 
-The entry point:
-
-    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
-    def hydra_entry(dcfg): cfg = to_typed(dcfg); ...
-    def main(): run_with_friendly_errors(hydra_entry)
+The entry point (dsv4_train/entry.py) composes a run once with Hydra and types it with `to_typed`.
 """
 
 from __future__ import annotations

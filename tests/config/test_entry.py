@@ -64,6 +64,8 @@ def test_multirun_jobs_get_distinct_run_dirs(entry, tmp_path):
         (["parallel=nope"], "parallel=nope"),
         (["-m", "train.precision=fp32,fp16"], "train.precision='fp16'"),  # invalid sweep value
         (["parallel.tp=3"], "parallel.tp=3"),  # validate(): caught before Hydra runs
+        (["optim.lr=1e-3,2e-3"], "'optim.lr=1e-3,2e-3' gives several values: add -m"),  # a sweep without -m
+        (["optim.lr=range(1,3)"], "'optim.lr=range(1,3)' gives several values: add -m"),
     ],
 )
 def test_bad_input_is_one_message_exit_2(entry, args, needle):
