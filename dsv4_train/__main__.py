@@ -11,7 +11,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from dsv4_train.config.load import CONFIG_DIR, exit_on_config_error, to_typed
+from dsv4_train.config.errors import exit_on_config_error
+from dsv4_train.config.load import CONFIG_DIR, to_typed
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)

@@ -11,7 +11,6 @@ status 2 before any output directory is created.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import sys
@@ -20,17 +19,10 @@ from typing import Callable, List, Optional, Sequence
 
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
+from dsv4_train.config.keys import UnknownKeyError, did_you_mean
 from dsv4_train.config.validate import ConfigError
 
 EXIT_CONFIG_ERROR = 2
-
-
-class UnknownKeyError(ValueError):
-    """A key that is not a field of the schema (added with '+' on the command line or in YAML)."""
-
-    def __init__(self, message: str, keys: List[str]):
-        super().__init__(message)
-        self.keys = list(keys)
 
 
 def _one_line(text: str) -> str:
@@ -41,28 +33,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
-
-
-def _schema_fields(full_key: str) -> List[str]:
-    """Field names of the section holding `full_key` (for 'did you mean')."""
-    import dataclasses
-
-    from dsv4_train.config.schema import Config
-
-    cls = Config
-    for part in full_key.split(".")[:-1]:
-        f = {x.name: x for x in dataclasses.fields(cls)}.get(part)
-        if f is None or not dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
-            return []
-        cls = type(f.default_factory())
-    return [x.name for x in dataclasses.fields(cls)]
-
-
-def _did_you_mean(full_key: str) -> str:
-    leaf = full_key.split(".")[-1]
-    close = difflib.get_close_matches(leaf, _schema_fields(full_key), n=3)
-    prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
-    return f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 
 
 def friendly_message(exc: BaseException) -> str:
@@ -97,7 +67,7 @@ def friendly_message(exc: BaseException) -> str:
     key = getattr(cause, "full_key", None)  # OmegaConf's errors carry the dotted key
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
         return (
-            f"Unknown config key '{key}': {_one_line(ctext.splitlines()[0])}.{_did_you_mean(key)} "
+            f"Unknown config key '{key}': {_one_line(ctext.splitlines()[0])}.{did_you_mean(key)} "
             "Check the spelling; `python -m dsv4_train --cfg job` prints every key."
         )
     if isinstance(cause, ValidationError) and key:
@@ -107,36 +77,6 @@ def friendly_message(exc: BaseException) -> str:
         )
     lines = [ln for ln in (text + "\n" + ctext).splitlines() if ln.strip() and not ln.startswith("\t")]
     return _one_line(" ".join(dict.fromkeys(lines)))  # keep order, drop repeats
-
-
-def check_known_keys(node, cls, prefix: str = "") -> None:
-    """Raise UnknownKeyError for keys of a composed DictConfig that `cls` (a dataclass) lacks."""
-    import dataclasses
-
-    from omegaconf import DictConfig
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = []
-    for key in node.keys():
-        if key not in fields:
-            unknown.append(prefix + str(key))
-            continue
-        child = node._get_node(key)
-        f = fields[key]
-        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-        if isinstance(child, DictConfig) and dataclasses.is_dataclass(sub):
-            try:
-                check_known_keys(child, type(sub), prefix + f"{key}.")
-            except UnknownKeyError as e:
-                unknown.extend(e.keys)
-    if unknown:
-        hints = "".join(_did_you_mean(k) for k in unknown)
-        raise UnknownKeyError(
-            f"Unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not a field "
-            f"of the schema (dsv4_train/config/schema.py), so it would be ignored.{hints} Remove it "
-            "or fix the spelling ('+key=value' only adds keys the schema does not know).",
-            unknown,
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from dsv4_train.config.keys import check_known_keys
 from dsv4_train.config.schema import Config
 from dsv4_train.config.store import register
 
@@ -57,11 +58,3 @@ def compose(overrides: Sequence[str] = ()) -> Config:
 
 def available_recipes() -> List[str]:
     return sorted(p.stem for p in Path(RECIPES_DIR).glob("*.yaml"))
-
-
-from dsv4_train.config.errors import (  # noqa: E402,F401  (re-exported for the entry point)
-    check_known_keys,
-    exit_on_config_error,
-    friendly_message,
-    run_with_friendly_errors,
-)

@@ -5,7 +5,7 @@ Megatron-Core has no CPU path upstream: it imports triton unguarded, calls
 tracker and `Tensor.type()` string checks. Each patch below removes exactly one of those obstacles. The layer is applied only when CUDA is
 absent; on a GPU machine nothing here runs. Every patch is named in `PATCHES` and has a test in
 `tests/mcore/test_cpu_compat.py`. It patches private internals of megatron-core 0.19.2, so
-`apply()` refuses any other version (dsv4_train/mcore/__init__.py::check_version).
+`apply()` refuses any other version (dsv4_train/mcore/version.py::check_version).
 
 Import order: call `apply()` before the first `import megatron.core` (the triton stub must be in
 place before Megatron's import chain reaches `moe/ops/paged_stash.py`). `apply()` is idempotent.
@@ -320,7 +320,7 @@ def apply(force: bool = False) -> None:
     run.device=cpu on a machine that has CUDA."""
     if (not force and not needed()) or len(_applied) == len(PATCHES):
         return
-    from dsv4_train.mcore import check_version
+    from dsv4_train.mcore.version import check_version
 
     check_version()  # the one version guard of the seam
     for name, patch in PATCHES.items():
