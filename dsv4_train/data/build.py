@@ -131,6 +131,62 @@ def _iterate(loader, eod: Optional[int] = None) -> Iterator[Dict[str, torch.Tens
         yield item
 
 
+def _check_data_config(data_cfg) -> None:
+    if data_cfg.kind not in KINDS:
+        raise ValueError(f"data.kind={data_cfg.kind!r} is not one of {', '.join(KINDS)}.")
+    if data_cfg.num_workers < 0:
+        raise ValueError(f"data.num_workers={data_cfg.num_workers} must be >= 0 (0 = load in the training process).")
+    if data_cfg.kind != "indexed" and list(data_cfg.paths):
+        raise ValueError(
+            f"data.paths={list(data_cfg.paths)!r} is set but data.kind={data_cfg.kind} ignores it. Set "
+            f"data.kind=indexed to train on those datasets, or clear data.paths."
+        )
+    if data_cfg.kind != "mock":
+        split_matrix(data_cfg.split)
+
+
+def _summary_parts(data_cfg, train_cfg, prefixes, weights, documents, tokenizer, train_samples: int, cache_dir) -> list:
+    """The data line of the start-up banner, as parts."""
+    source = {
+        "embedded": f"embedded corpus v{embedded_corpus.CORPUS_VERSION}",
+        "indexed": "indexed " + ", ".join(
+            (f"{w:g}x " if weights else "") + p for p, w in zip(prefixes or [], weights or [None] * len(prefixes or []))
+        ),
+        "mock": "Megatron MockGPTDataset (synthetic)",
+    }[data_cfg.kind]
+    parts = [source]
+    if documents is not None:
+        parts.append(f"{sum(d for d, _ in documents)} documents, {sum(t for _, t in documents)} tokens")
+    parts.append(f"tokenizer vocab {tokenizer.vocab_size} (eod {tokenizer.eod}, {tokenizer.path.name})")
+    split_note = "" if data_cfg.kind == "mock" else f", split {data_cfg.split}"
+    parts.append(f"{train_samples} train samples x {train_cfg.seq_length} tokens{split_note}")
+    parts.append(f"cache {cache_dir}")
+    return parts
+
+
+def _valid_iterator_factory(data_cfg, train_cfg, valid_ds, *, eod, dp_rank: int, dp_size: int):
+    """A function giving a fresh iterator over `train.eval_iters` global batches of the validation
+    split (None when evaluation is off); refuses a split too small for them."""
+    eval_samples = train_cfg.global_batch_size * getattr(train_cfg, "eval_iters", 0)
+    if not eval_samples:
+        return None
+    if valid_ds is None or len(valid_ds) < eval_samples:
+        raise ValueError(
+            f"train.eval_iters={train_cfg.eval_iters} needs {eval_samples} validation samples; data.split="
+            f"{data_cfg.split!r} gives {0 if valid_ds is None else len(valid_ds)}. Give the validation part a "
+            "weight (e.g. data.split=98,2,0) or lower train.eval_iters."
+        )
+
+    def make_valid_iterator():
+        sampler = PretrainingBatchSampler(
+            total_samples=len(valid_ds), consumed_samples=0, end_samples=eval_samples,
+            micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        )
+        return _iterate(torch.utils.data.DataLoader(valid_ds, batch_sampler=sampler), eod=eod)
+
+    return make_valid_iterator
+
+
 def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
                consumed_samples: int = 0) -> TrainData:
     """Tokenizer, datasets and this data-parallel rank's micro-batch iterator.
@@ -149,18 +205,8 @@ def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int 
         ValueError: any user error, before expensive work.
     """
     log = print if _rank() == 0 else (lambda *_a, **_k: None)
-    if data_cfg.kind not in KINDS:
-        raise ValueError(f"data.kind={data_cfg.kind!r} is not one of {', '.join(KINDS)}.")
+    _check_data_config(data_cfg)
     end_samples = _check_batching(train_cfg=train_cfg, dp_rank=dp_rank, dp_size=dp_size, consumed_samples=consumed_samples)
-    if data_cfg.num_workers < 0:
-        raise ValueError(f"data.num_workers={data_cfg.num_workers} must be >= 0 (0 = load in the training process).")
-    if data_cfg.kind != "indexed" and list(data_cfg.paths):
-        raise ValueError(
-            f"data.paths={list(data_cfg.paths)!r} is set but data.kind={data_cfg.kind} ignores it. Set "
-            f"data.kind=indexed to train on those datasets, or clear data.paths."
-        )
-    if data_cfg.kind != "mock":
-        split_matrix(data_cfg.split)
     cache_dir = cache.resolve_cache_dir(data_cfg.cache_dir)
     tokenizer = _resolve_tokenizer_early(data_cfg, vocab_size)
     prefixes: Optional[List[str]] = None
@@ -207,40 +253,10 @@ def build_data(*, data_cfg, train_cfg, vocab_size: int, seed: int, dp_rank: int 
         num_workers=data_cfg.num_workers,
         persistent_workers=data_cfg.num_workers > 0,
     )
-    source = {
-        "embedded": f"embedded corpus v{embedded_corpus.CORPUS_VERSION}",
-        "indexed": "indexed " + ", ".join(
-            (f"{w:g}x " if weights else "") + p for p, w in zip(prefixes or [], weights or [None] * len(prefixes or []))
-        ),
-        "mock": "Megatron MockGPTDataset (synthetic)",
-    }[data_cfg.kind]
-    parts = [source]
-    tokens = None
-    if documents is not None:
-        tokens = sum(t for _, t in documents)
-        parts.append(f"{sum(d for d, _ in documents)} documents, {tokens} tokens")
-    parts.append(f"tokenizer vocab {tokenizer.vocab_size} (eod {tokenizer.eod}, {tokenizer.path.name})")
-    split_note = "" if data_cfg.kind == "mock" else f", split {data_cfg.split}"
-    parts.append(f"{len(train_ds)} train samples x {train_cfg.seq_length} tokens{split_note}")
-    parts.append(f"cache {cache_dir}")
+    parts = _summary_parts(data_cfg, train_cfg, prefixes, weights, documents, tokenizer, len(train_ds), cache_dir)
+    tokens = None if documents is None else sum(t for _, t in documents)
     eod = tokenizer.eod if getattr(data_cfg, "document_mask", False) else None
-    make_valid_iterator = None
-    eval_samples = train_cfg.global_batch_size * getattr(train_cfg, "eval_iters", 0)
-    if eval_samples:
-        if valid_ds is None or len(valid_ds) < eval_samples:
-            raise ValueError(
-                f"train.eval_iters={train_cfg.eval_iters} needs {eval_samples} validation samples; data.split="
-                f"{data_cfg.split!r} gives {0 if valid_ds is None else len(valid_ds)}. Give the validation part a "
-                "weight (e.g. data.split=98,2,0) or lower train.eval_iters."
-            )
-
-        def make_valid_iterator():
-            sampler = PretrainingBatchSampler(
-                total_samples=len(valid_ds), consumed_samples=0, end_samples=eval_samples,
-                micro_batch_size=train_cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-            )
-            return _iterate(torch.utils.data.DataLoader(valid_ds, batch_sampler=sampler), eod=eod)
-
+    make_valid_iterator = _valid_iterator_factory(data_cfg, train_cfg, valid_ds, eod=eod, dp_rank=dp_rank, dp_size=dp_size)
     return TrainData(
         make_valid_iterator=make_valid_iterator,
         tokenizer=tokenizer,

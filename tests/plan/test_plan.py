@@ -69,6 +69,9 @@ def test_recipes_fit_80gb_by_independent_arithmetic(flash, pro):
             assert abs(r["weights_gib"] - 2 * params / gib) < 1e-9 and abs(r["grads_gib"] - 4 * params / gib) < 1e-9
             sharded = r["params_dense"] / layout["dp"] + r["params_expert"] / layout["edp"]
             assert r["optimizer_gib"] >= 8 * sharded / gib, r  # more where fp32 islands / Adam-trained tensors sit
+            if plan["optimizer"] == "muon":  # Muon (not Megatron's distributed optimizer): fp32 master
+                # weights of every local parameter (4 B, whole) plus a sharded fp32 momentum (4 B)
+                assert r["optimizer_gib"] >= (4 * params + 4 * sharded) / gib, r
             floor = r["weights_gib"] + r["grads_gib"] + r["optimizer_gib"] + r["activations_gib"]
             assert floor <= r["total_gib"] < 80e9 / gib, r
         assert plan["fits"], format_plan(plan)
