@@ -38,3 +38,22 @@ def test_the_scan_sees_a_planted_citation(tmp_path):
     for planted in ("(spec §5.2)", "see megatron_core_cpu.md #31", "shared/reference/dsv4_architecture.md"):
         assert EXTERNAL_CITATION.search(f"# formula as in {planted}")
     assert not EXTERNAL_CITATION.search("# paper §2.2, model/mhc.py")
+
+
+def test_architecture_doc_lists_every_module():
+    """docs/architecture.md's module index names each module of the package (a package `__init__`
+    only when it has a docstring) and nothing that no longer exists."""
+    import ast
+
+    package = REPO / "dsv4_train"
+    modules = set()
+    for path in package.rglob("*.py"):
+        if "_conf" in path.parts:
+            continue
+        if path.name == "__init__.py" and not (ast.get_docstring(ast.parse(path.read_text())) or "").strip():
+            continue
+        modules.add(str(path.relative_to(package)))
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", doc, flags=re.M))
+    assert not modules - listed, f"add to docs/architecture.md's module index: {sorted(modules - listed)}"
+    assert not listed - modules, f"no longer in the package: {sorted(listed - modules)}"
