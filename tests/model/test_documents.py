@@ -62,6 +62,15 @@ def _segments(lengths):
     return torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
 
 
+def _documents(packings):
+    """(row, slice of the row) of every document of the packed rows, in order."""
+    for row, lengths in enumerate(packings):
+        start = 0
+        for length in lengths:
+            yield row, slice(start, start + length)
+            start += length
+
+
 @pytest.fixture
 def cpu_flex_backward(monkeypatch):
     import torch.nn.attention.flex_attention as flex
@@ -136,23 +145,19 @@ def _model_vs_alone(model, packings, ids):
     packed_loss = 0.0
     alone_grads = {n: torch.zeros_like(p) for n, p in params.items()}
     worst = {"logits": 0.0, "loss": 0.0}
-    for row, lengths in enumerate(packings):
-        start = 0
-        for length in lengths:
-            rows = slice(start, start + length)
-            model.zero_grad(set_to_none=True)
-            alone = model(ids[row : row + 1, rows])
-            worst["logits"] = max(worst["logits"], _relative(alone[0].detach(), packed[row, rows].detach()))
-            if length > 1:
-                alone_loss = _token_losses(alone, ids[row : row + 1, rows])
-                own = _token_losses(packed[row : row + 1, rows], ids[row : row + 1, rows])
-                worst["loss"] = max(worst["loss"], _relative(alone_loss.detach(), own.detach()))
-                packed_loss = packed_loss + own.sum()
-                alone_loss.sum().backward()
-                for name, param in params.items():
-                    if param.grad is not None:
-                        alone_grads[name] += param.grad
-            start += length
+    for row, rows in _documents(packings):
+        model.zero_grad(set_to_none=True)
+        alone = model(ids[row : row + 1, rows])
+        worst["logits"] = max(worst["logits"], _relative(alone[0].detach(), packed[row, rows].detach()))
+        if rows.stop - rows.start > 1:
+            alone_loss = _token_losses(alone, ids[row : row + 1, rows])
+            own = _token_losses(packed[row : row + 1, rows], ids[row : row + 1, rows])
+            worst["loss"] = max(worst["loss"], _relative(alone_loss.detach(), own.detach()))
+            packed_loss = packed_loss + own.sum()
+            alone_loss.sum().backward()
+            for name, param in params.items():
+                if param.grad is not None:
+                    alone_grads[name] += param.grad
     model.zero_grad(set_to_none=True)
     packed_loss.backward()
     compared, diff_sq, norm_sq = 0, 0.0, 0.0
