@@ -94,13 +94,16 @@ def float64_topk_routing(logits: torch.Tensor, topk: int, *, score_function: str
 
 class ScoredRouter(_CountsTokensPerStep, _PlainGatingWhenSameDtype, TopKRouter):
     """Scored V4 layers: Megatron's `TopKRouter` (gate fast path above), counting tokens per step;
-    float64 forwards without auxiliary losses route in float64 (module doc)."""
+    float64 forwards without auxiliary losses (and without group-limited routing or token
+    dropping, which V4 does not use) route in float64 (module doc)."""
 
     def routing(self, logits: torch.Tensor, *args, **kwargs):
-        if logits.dtype == torch.float64 and not (self.training and torch.is_grad_enabled()):
+        config = self.config
+        plain = not (config.moe_router_num_groups or config.moe_expert_capacity_factor is not None)
+        if logits.dtype == torch.float64 and plain and not (self.training and torch.is_grad_enabled()):
             probs, routing_map = float64_topk_routing(
-                logits.view(-1, self.config.num_moe_experts), self.topk, score_function=self.score_function,
-                scaling_factor=self.config.moe_router_topk_scaling_factor, expert_bias=self.expert_bias)
+                logits.view(-1, config.num_moe_experts), self.topk, score_function=self.score_function,
+                scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=self.expert_bias)
         else:
             probs, routing_map = super().routing(logits, *args, **kwargs)
         self._count(routing_map)

@@ -163,8 +163,8 @@ class _BlockContext:
 
 def _apply_values(probs_window, probs_entries, ctx: _BlockContext, dtype) -> torch.Tensor:
     """sum_j p_j v_j over the block's keys -> [B, H, b, c] in `dtype`, accumulated in the
-    probabilities' dtype (fp32, or fp64 for fp64 inputs): window and entry parts are summed before
-    the one rounding to `dtype`, as the dense reference's single matmul does."""
+    probabilities' dtype (fp32, or fp64 for fp64 inputs): probabilities and values are not rounded
+    to a bf16 input dtype first, and window and entry parts are summed before the one rounding."""
     batch, heads, rows, keys = probs_window.shape
     acc = probs_window.dtype
     out = torch.bmm(probs_window.reshape(batch, heads * rows, keys), ctx.window_keys.to(acc))
