@@ -460,8 +460,12 @@ def _ensure_runtime(seed: int) -> None:
 def load_hf(path: str, *, precision: str = "fp32", seed: int = 1234, moe_expert_compute: str = "auto"):
     """Build a single-process `DSV4Model` from an HF checkpoint directory; returns it in eval mode.
 
-    `model(input_ids)` -> logits [b, s, vocab]. Initialises gloo world 1 + Megatron parallel state
-    (+ the CPU compatibility layer) when not done yet. `moe_expert_compute`: see ModelConfig.
+    `model(input_ids)` -> logits [b, s, vocab]. Packed documents: `model(input_ids, segment_ids=...)`
+    with `segment_ids` [b, s] integers, equal ids = one document, non-decreasing along the sequence;
+    each document then attends to and is compressed within itself and restarts its RoPE positions,
+    so its logits are those of the document run alone (model/documents.py;
+    tests/bridge/test_hf_import.py). Initialises gloo world 1 + Megatron parallel state (+ the CPU
+    compatibility layer) when not done yet. `moe_expert_compute`: see ModelConfig.
     """
     with open(os.path.join(path, "config.json")) as handle:
         raw = json.load(handle)

@@ -67,7 +67,7 @@ from dsv4_train.model.parallel_linear import (
     copy_to_tp_region,
     reduce_from_tp_region,
 )
-from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, rms_normalize
+from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, at_least_fp32, rms_normalize
 from dsv4_train.model.rope import apply_interleaved_rope, layer_rotary, rope_tables
 from dsv4_train.model.sparse_attention import DocumentMasks, KeyLayout, blockwise_attention
 from dsv4_train.parallel import context as cp_context
@@ -118,10 +118,10 @@ def joint_softmax_attention(
     # One [B, H*T, L] matmul: the single KV head is shared by all query heads (MQA), no expansion.
     logits = torch.bmm(q.reshape(batch, heads * seq_len, dim), keys.transpose(1, 2))
     # In place from here on: bmm's backward needs only its inputs, so one [B, H, T, L] buffer suffices.
-    logits = logits.view(batch, heads, seq_len, num_keys).float().mul_(scale)
+    logits = at_least_fp32(logits.view(batch, heads, seq_len, num_keys)).mul_(scale)
     mask = allowed.unsqueeze(-3) if allowed.dim() == 3 else allowed  # broadcast over heads
     logits.masked_fill_(~mask, float("-inf"))
-    sink_column = sink.float().view(1, heads, 1, 1).expand(batch, heads, seq_len, 1)
+    sink_column = at_least_fp32(sink).to(logits.dtype).view(1, heads, 1, 1).expand(batch, heads, seq_len, 1)
     probs = torch.softmax(torch.cat((logits, sink_column), dim=-1), dim=-1)[..., :num_keys]
     out = torch.bmm(probs.to(keys.dtype).reshape(batch, heads * seq_len, num_keys), keys)
     return out.view(batch, heads, seq_len, dim), probs
@@ -366,7 +366,7 @@ class HybridAttention(MegatronModule):
         parts = [self.compressor(rows, positions, blocks=blocks, span=span)]
         if self.indexer is not None and self._phase() != "dense":
             parts.append(self.indexer.compressor(rows.detach(), positions, blocks=blocks, span=span))
-        summed = cp_context.sum_entries(torch.cat([p.float() for p in parts], dim=-1), cp)
+        summed = cp_context.sum_entries(torch.cat([at_least_fp32(p) for p in parts], dim=-1), cp)
         main = summed[..., : self.head_dim].to(parts[0].dtype)
         keys = summed[..., self.head_dim :].to(parts[-1].dtype) if len(parts) > 1 else None
         return main, keys

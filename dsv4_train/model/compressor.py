@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm
+from dsv4_train.model.primitives import ReplicatedLinear, RMSNorm, at_least_fp32
 from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope
 
 OVERLAPPING_RATIO = 4  # the official code keys overlap (and the indexer) on ratio == 4
@@ -84,11 +84,11 @@ class Compressor(nn.Module):
         usable = x[: n * m]
         # [n*m, B, width] -> [B, n, m, width]
         values = self.wkv(usable).view(n, m, batch, -1).permute(2, 0, 1, 3)
-        logits = self.wgate(usable).view(n, m, batch, -1).permute(2, 0, 1, 3) + self.ape.float()
+        logits = self.wgate(usable).view(n, m, batch, -1).permute(2, 0, 1, 3) + at_least_fp32(self.ape)
         if self.overlap and previous is not None:
             # Previous-block half moved one block later; block 0 takes it from `previous`.
             first_values = self.wkv(previous).view(1, m, batch, -1).permute(2, 0, 1, 3)[..., :c]
-            first_logits = (self.wgate(previous).view(1, m, batch, -1).permute(2, 0, 1, 3) + self.ape.float())[..., :c]
+            first_logits = (self.wgate(previous).view(1, m, batch, -1).permute(2, 0, 1, 3) + at_least_fp32(self.ape))[..., :c]
             prev_values = torch.cat((first_values, values[:, :-1, :, :c]), dim=1)
             prev_logits = torch.cat((first_logits, logits[:, :-1, :, :c]), dim=1)
             values = torch.cat((prev_values, values[..., c:]), dim=2)  # [B, n, 2m, c]
@@ -122,7 +122,7 @@ class Compressor(nn.Module):
             index = (index - first).clamp(0, x.shape[0] - 1)
             keep = keep & (blocks.end >= begin) & (blocks.end < end)
         values = self.wkv(x).transpose(0, 1)[rows, index]  # [B, N, m, width]
-        logits = self.wgate(x).transpose(0, 1)[rows, index] + self.ape.float()
+        logits = self.wgate(x).transpose(0, 1)[rows, index] + at_least_fp32(self.ape)
         if self.overlap:
             # Previous block of the same document, or none (zero values, -inf logits).
             has_previous = blocks.previous[:, :, None, None]

@@ -35,6 +35,7 @@ from dsv4_train.model import sparse_attention
 from dsv4_train.model.blocking import auto_block_size, indexer_block_elements
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.parallel_linear import ColumnParallelLinear, copy_to_tp_region, reduce_from_tp_region
+from dsv4_train.model.primitives import at_least_fp32
 from dsv4_train.model.rope import InterleavedRotary, apply_interleaved_rope, rope_tables
 from dsv4_train.model.sparse_attention import KeyLayout
 from dsv4_train.parallel.context import gather_entries, sum_over
@@ -123,16 +124,16 @@ class LightningIndexer(MegatronModule):
         q = self.wq_b(c_q.detach())[0].view(seq_len, batch, -1, self.head_dim)
         cos, sin = rope_tables(self.rotary, positions)  # [t, B | 1, r/2]
         q = apply_interleaved_rope(q, cos[:, :, None], sin[:, :, None])
-        weights = self.weights_proj(x.detach())[0].float() * (self.head_dim**-0.5 * self.num_heads**-0.5)
+        weights = at_least_fp32(self.weights_proj(x.detach())[0]) * (self.head_dim**-0.5 * self.num_heads**-0.5)
         return q, weights
 
     def score(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Index scores (fp32, summed over every TP rank's heads) of queries q [t, B, h, cI] against
         shared keys [B, n, cI] -> [B, t, n], or per-query gathered keys [B, t, k, cI] -> [B, t, k]."""
         if keys.dim() == 3:
-            per_head = torch.einsum("tbhd,bnd->bthn", q.float(), keys.float()).relu()  # [B, t, h, n]
+            per_head = torch.einsum("tbhd,bnd->bthn", at_least_fp32(q), at_least_fp32(keys)).relu()  # [B, t, h, n]
         else:
-            per_head = torch.einsum("tbhd,btkd->bthk", q.float(), keys.float()).relu()  # [B, t, h, k]
+            per_head = torch.einsum("tbhd,btkd->bthk", at_least_fp32(q), at_least_fp32(keys)).relu()  # [B, t, h, k]
         partial = torch.einsum("bthn,tbh->btn", per_head, weights)
         return reduce_from_tp_region(partial, self.wq_b.tp_group)
 
@@ -255,11 +256,11 @@ class MainAttention:
             lse = self.lse[:, :, t0:t1].unsqueeze(-1)
             if topk is None:
                 logits = torch.bmm(q.reshape(batch, heads * rows, dim), self.entries[:, :visible].transpose(1, 2))
-                probs = torch.exp(logits.view(batch, heads, rows, -1).float() * self.scale - lse)
+                probs = torch.exp(at_least_fp32(logits.view(batch, heads, rows, -1)) * self.scale - lse)
             else:
                 gathered = sparse_attention.gather_entries(self.entries, topk)  # [B, t, k, c]
                 logits = torch.matmul(q.transpose(1, 2), gathered.transpose(2, 3)).transpose(1, 2)
-                probs = torch.exp(logits.float() * self.scale - lse).masked_fill(~(topk >= 0).unsqueeze(1), 0.0)
+                probs = torch.exp(at_least_fp32(logits) * self.scale - lse).masked_fill(~(topk >= 0).unsqueeze(1), 0.0)
             # Prefix entries a query may not see are dropped by the caller's support mask.
             return probs.sum(dim=1)
 
@@ -281,12 +282,12 @@ def indexer_kl_loss(scores: torch.Tensor, target_mass: torch.Tensor, support: to
 def _kl_rows(scores: torch.Tensor, target_mass: torch.Tensor, support: torch.Tensor):
     """Per-row KL(target || softmax(scores)) over the support (0 for skipped rows) and the bool
     [..., rows] of rows that count (non-empty support with positive target mass)."""
-    target = target_mass.detach().float().masked_fill(~support, 0.0)
+    target = at_least_fp32(target_mass.detach()).masked_fill(~support, 0.0)
     row_mass = target.sum(-1, keepdim=True)
     rows = support.any(-1) & (row_mass.squeeze(-1) > 0)
     target = target / row_mass.clamp_min(torch.finfo(torch.float32).tiny)
     # Rows without support get neutral logits so log_softmax stays finite (they are dropped below).
-    logits = scores.float().masked_fill(~support, float("-inf")).masked_fill(~rows.unsqueeze(-1), 0.0)
+    logits = at_least_fp32(scores).masked_fill(~support, float("-inf")).masked_fill(~rows.unsqueeze(-1), 0.0)
     log_pred = torch.log_softmax(logits, dim=-1).masked_fill(~support, 0.0)
     kl_rows = (torch.xlogy(target, target) - target * log_pred).sum(-1)
     return kl_rows.masked_fill(~rows, 0.0), rows

@@ -20,6 +20,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.mcore.compute_context import model_compute
+from dsv4_train.model.primitives import at_least_fp32
 
 
 def _weightless_rms_scale(flat: torch.Tensor, eps: float) -> torch.Tensor:
@@ -156,8 +157,8 @@ class HyperConnection(MegatronModule):
     def coefficients(self, streams: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [s, b, n, d] -> pre [s, b, n], post [s, b, n], comb [s, b, n, n] (all fp32)."""
         n = self.hc_mult
-        flat = streams.flatten(-2).float()  # [s, b, n*d]
-        mix = torch.nn.functional.linear(flat, self.fn.float()) * _weightless_rms_scale(flat, self.norm_eps)
+        flat = at_least_fp32(streams.flatten(-2))  # [s, b, n*d]
+        mix = torch.nn.functional.linear(flat, at_least_fp32(self.fn)) * _weightless_rms_scale(flat, self.norm_eps)
         # The three groups' affine maps (pre, post, res) as one: scale[g] repeated over group g's
         # columns gives exactly the per-group products, in a third of the (overhead-bound) ops.
         logits = mix * self.scale.index_select(0, self._scale_group) + self.base  # [s, b, (2+n)n]
@@ -173,7 +174,7 @@ class HyperConnection(MegatronModule):
     def pre(self, streams: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Collapse: returns (sub-layer input [s, b, d], post, comb)."""
         pre, post, comb = self.coefficients(streams)
-        collapsed = (pre.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)
+        collapsed = (pre.unsqueeze(-1) * at_least_fp32(streams)).sum(dim=-2).to(streams.dtype)
         return collapsed, post, comb
 
     @staticmethod
@@ -215,7 +216,7 @@ class HyperHead(MegatronModule):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [s, b, n, d] -> [s, b, d]."""
-        flat = streams.flatten(-2).float()
-        mix = torch.nn.functional.linear(flat, self.fn.float()) * _weightless_rms_scale(flat, self.norm_eps)
+        flat = at_least_fp32(streams.flatten(-2))
+        mix = torch.nn.functional.linear(flat, at_least_fp32(self.fn)) * _weightless_rms_scale(flat, self.norm_eps)
         weights = torch.sigmoid(mix * self.scale + self.base) + self.hc_eps  # [s, b, n]
-        return (weights.unsqueeze(-1) * streams.float()).sum(dim=-2).to(streams.dtype)
+        return (weights.unsqueeze(-1) * at_least_fp32(streams)).sum(dim=-2).to(streams.dtype)

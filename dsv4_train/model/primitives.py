@@ -18,9 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or unchanged when wider (fp64): the fp32 maths of the model stays fp32 for bf16 /
+    fp32 runs, and a float64 model computes in float64 throughout (tests/model/test_documents.py
+    proves document isolation exact that way)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dim, statistics in fp32, result in x.dtype."""
-    x32 = x.float()
+    """x / sqrt(mean(x^2) + eps) over the last dim, statistics in fp32 (or wider), result in x.dtype."""
+    x32 = at_least_fp32(x)
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -33,9 +40,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = at_least_fp32(x)
         normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
+        return (at_least_fp32(self.weight) * normed).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"
@@ -63,7 +70,7 @@ class ReplicatedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.compute_in_fp32:
-            return F.linear(x.float(), self.weight.float())
+            return F.linear(at_least_fp32(x), at_least_fp32(self.weight))
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:

@@ -19,6 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from dsv4_train.config.model import ModelConfig, YarnConfig
+from dsv4_train.model.primitives import at_least_fp32
 
 
 def rope_inv_freq(*, rope_dim: int, base: float, yarn: Optional[YarnConfig]) -> torch.Tensor:
@@ -117,6 +118,6 @@ def apply_interleaved_rope(
     neg_sin = -sin
     cos_pair = torch.stack((cos, cos), dim=-1)
     sin_pair = torch.stack((sin, neg_sin), dim=-1) if inverse else torch.stack((neg_sin, sin), dim=-1)
-    pairs = rope.float().unflatten(-1, (-1, 2))
+    pairs = at_least_fp32(rope).unflatten(-1, (-1, 2))
     rotated = pairs * cos_pair + pairs.flip(-1) * sin_pair
     return torch.cat((nope, rotated.flatten(-2).to(x.dtype)), dim=-1)

@@ -10,6 +10,11 @@
   gating) and reuses `topk_routing_with_score_function(precomputed_indices=...)` for the weights.
   It deliberately has no `expert_bias` attribute: `finalize_model_grads` selects routers by
   `hasattr(module, "expert_bias")`, so hash layers take no part in the bias update.
+
+A float64 model routes in float64 (gate and scores): Megatron computes router scores in fp32
+whatever the logits' dtype, which would put fp32 rounding into an otherwise fp64 forward (the fp64
+document-isolation check in tests/model/test_documents.py needs none). Training forwards of scored
+layers keep Megatron's path (its auxiliary losses).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class _PlainGatingWhenSameDtype:
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        if input.dtype == torch.float64:  # a float64 model gates in float64 (module doc)
+            router_dtype = torch.float64
         weight = self.weight
         if (self.bias is None and input.dtype == router_dtype and weight.dtype == router_dtype
                 and weight.device == input.device):  # else Megatron's (it also moves a CPU weight)
@@ -60,11 +67,45 @@ class _CountsTokensPerStep:
         return counts
 
 
+def float64_topk_routing(logits: torch.Tensor, topk: int, *, score_function: str, scaling_factor: Optional[float],
+                         expert_bias: Optional[torch.Tensor] = None, precomputed_indices: Optional[torch.Tensor] = None):
+    """Megatron's `topk_routing_with_score_function` (the V4 subset: sigmoid / sqrtsoftplus scores,
+    top-k after the expert bias or precomputed experts, normalised, scaled) with the scores in the
+    float64 of `logits` [tokens, E] -> (probs [tokens, E], routing_map [tokens, E] bool)."""
+    if score_function == "sigmoid":
+        scores = torch.sigmoid(logits)
+    elif score_function == "sqrtsoftplus":
+        scores = torch.nn.functional.softplus(logits).sqrt()
+    else:
+        raise ValueError(f"float64 routing implements sigmoid and sqrtsoftplus scores, not {score_function!r}")
+    if precomputed_indices is not None:
+        top_indices = precomputed_indices
+    else:
+        biased = scores if expert_bias is None else scores + expert_bias.to(scores.dtype)
+        top_indices = torch.topk(biased, k=topk, dim=1, sorted=torch.is_grad_enabled())[1]
+    chosen = torch.gather(scores, dim=1, index=top_indices)
+    probs = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20) if topk > 1 else chosen
+    if scaling_factor:
+        probs = probs * scaling_factor
+    routing_probs = torch.zeros_like(logits).scatter(1, top_indices, probs)
+    routing_map = torch.zeros_like(logits, dtype=torch.int32).scatter(1, top_indices, 1).bool()
+    return routing_probs, routing_map
+
+
 class ScoredRouter(_CountsTokensPerStep, _PlainGatingWhenSameDtype, TopKRouter):
-    """Scored V4 layers: Megatron's `TopKRouter` (gate fast path above), counting tokens per step."""
+    """Scored V4 layers: Megatron's `TopKRouter` (gate fast path above), counting tokens per step;
+    float64 forwards without auxiliary losses (and without group-limited routing or token
+    dropping, which V4 does not use) route in float64 (module doc)."""
 
     def routing(self, logits: torch.Tensor, *args, **kwargs):
-        probs, routing_map = super().routing(logits, *args, **kwargs)
+        config = self.config
+        plain = not (config.moe_router_num_groups or config.moe_expert_capacity_factor is not None)
+        if logits.dtype == torch.float64 and plain and not (self.training and torch.is_grad_enabled()):
+            probs, routing_map = float64_topk_routing(
+                logits.view(-1, config.num_moe_experts), self.topk, score_function=self.score_function,
+                scaling_factor=config.moe_router_topk_scaling_factor, expert_bias=self.expert_bias)
+        else:
+            probs, routing_map = super().routing(logits, *args, **kwargs)
         self._count(routing_map)
         return probs, routing_map
 
@@ -114,7 +155,8 @@ class HashRouter(_CountsTokensPerStep, _PlainGatingWhenSameDtype, Router):
         """logits [s, b, E], token_ids [s, b] -> (probs [s*b, E], routing_map [s*b, E])."""
         logits = logits.view(-1, self.config.num_moe_experts)
         experts = self.tid2eid[token_ids.reshape(-1)].long()  # [s*b, K]
-        probs, routing_map = topk_routing_with_score_function(
+        route = float64_topk_routing if logits.dtype == torch.float64 else topk_routing_with_score_function
+        probs, routing_map = route(
             logits,
             self.topk,
             scaling_factor=self.config.moe_router_topk_scaling_factor,

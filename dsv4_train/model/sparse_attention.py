@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from dsv4_train.model.blocking import attention_block_elements, auto_block_size
+from dsv4_train.model.primitives import at_least_fp32
 
 NEG_INF = float("-inf")
 
@@ -109,7 +110,7 @@ def gather_entries(entries: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 
 
 def _block_scores(q_blk, window_keys, window_ok, entry_keys, entry_ok, scale):
-    """fp32 scaled scores of one query block, invisible keys at -inf.
+    """Scaled scores of one query block in fp32 (fp64 for fp64 inputs), invisible keys at -inf.
 
     q_blk [B, H, b, c]; window_keys [B, L, c]; entry_keys [B, n, c] (shared) or [B, b, k, c]
     (gathered per query) or None; *_ok bool masks broadcastable to the scores.
@@ -117,7 +118,7 @@ def _block_scores(q_blk, window_keys, window_ok, entry_keys, entry_ok, scale):
     """
     batch, heads, rows, dim = q_blk.shape
     flat_q = q_blk.reshape(batch, heads * rows, dim)
-    window = torch.bmm(flat_q, window_keys.transpose(1, 2)).view(batch, heads, rows, -1).float()
+    window = at_least_fp32(torch.bmm(flat_q, window_keys.transpose(1, 2)).view(batch, heads, rows, -1))
     window = window.mul_(scale).masked_fill_(~window_ok, NEG_INF)
     if entry_keys is None:
         return window, None
@@ -125,7 +126,7 @@ def _block_scores(q_blk, window_keys, window_ok, entry_keys, entry_ok, scale):
         entries = torch.bmm(flat_q, entry_keys.transpose(1, 2)).view(batch, heads, rows, -1)
     else:  # [B, b, H, c] @ [B, b, c, k] -> [B, b, H, k]
         entries = torch.matmul(q_blk.transpose(1, 2), entry_keys.transpose(2, 3)).transpose(1, 2)
-    entries = entries.float().mul_(scale).masked_fill_(~entry_ok, NEG_INF)
+    entries = at_least_fp32(entries).mul_(scale).masked_fill_(~entry_ok, NEG_INF)
     return window, entries
 
 
@@ -161,19 +162,20 @@ class _BlockContext:
 
 
 def _apply_values(probs_window, probs_entries, ctx: _BlockContext, dtype) -> torch.Tensor:
-    """sum_j p_j v_j over the block's keys -> [B, H, b, c] in `dtype`."""
+    """sum_j p_j v_j over the block's keys -> [B, H, b, c] in `dtype`, accumulated in the
+    probabilities' dtype (fp32, or fp64 for fp64 inputs): probabilities and values are not rounded
+    to a bf16 input dtype first, and window and entry parts are summed before the one rounding."""
     batch, heads, rows, keys = probs_window.shape
-    out = torch.bmm(probs_window.to(dtype).reshape(batch, heads * rows, keys), ctx.window_keys)
+    acc = probs_window.dtype
+    out = torch.bmm(probs_window.reshape(batch, heads * rows, keys), ctx.window_keys.to(acc))
     out = out.view(batch, heads, rows, -1)
-    if probs_entries is None:
-        return out
-    if ctx.entry_keys.dim() == 3:
+    if probs_entries is not None and ctx.entry_keys.dim() == 3:
         width = probs_entries.shape[-1]
-        extra = torch.bmm(probs_entries.to(dtype).reshape(batch, heads * rows, width), ctx.entry_keys)
-        return out + extra.view(batch, heads, rows, -1)
-    # [B, b, H, k] @ [B, b, k, c] -> [B, b, H, c]
-    extra = torch.matmul(probs_entries.to(dtype).transpose(1, 2), ctx.entry_keys).transpose(1, 2)
-    return out + extra
+        extra = torch.bmm(probs_entries.reshape(batch, heads * rows, width), ctx.entry_keys.to(acc))
+        out = out + extra.view(batch, heads, rows, -1)
+    elif probs_entries is not None:  # [B, b, H, k] @ [B, b, k, c] -> [B, b, H, c]
+        out = out + torch.matmul(probs_entries.transpose(1, 2), ctx.entry_keys.to(acc)).transpose(1, 2)
+    return out.to(dtype)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -181,8 +183,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, window_kv, compressed, sink, topk, layout: KeyLayout, scale: float, block: int):
         batch, heads, seq_len, dim = q.shape
         out = q.new_empty(batch, heads, seq_len, dim)
-        lse = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=q.device)
-        sink_logit = sink.float().view(1, heads, 1)
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32, fp64 stays fp64
+        lse = torch.empty(batch, heads, seq_len, dtype=acc, device=q.device)
+        sink_logit = sink.to(acc).view(1, heads, 1)
         for t0 in range(0, seq_len, block):
             t1 = min(seq_len, t0 + block)
             keys = _BlockContext(layout, t0, t1, window_kv, compressed, topk)
@@ -212,14 +215,15 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, window_kv, compressed, sink, topk, out, lse = ctx.saved_tensors
         layout, scale, block = ctx.layout, ctx.scale, ctx.block
         batch, heads, seq_len, dim = q.shape
-        grad_out = grad_out.float()
+        acc = torch.promote_types(q.dtype, torch.float32)
+        grad_out = grad_out.to(acc)
         # D_t = sum_j p_j dP_j = dO . O (the sink has a zero value, so it adds nothing).
-        delta = (grad_out * out.float()).sum(-1)  # [B, H, T]
-        grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        grad_window = torch.zeros(window_kv.shape, dtype=torch.float32, device=q.device)
-        grad_entries = None if compressed is None else torch.zeros(compressed.shape, dtype=torch.float32, device=q.device)
-        sink_logit = sink.float().view(1, heads, 1)
-        grad_sink = torch.zeros(heads, dtype=torch.float32, device=q.device)
+        delta = (grad_out * out.to(acc)).sum(-1)  # [B, H, T]
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        grad_window = torch.zeros(window_kv.shape, dtype=acc, device=q.device)
+        grad_entries = None if compressed is None else torch.zeros(compressed.shape, dtype=acc, device=q.device)
+        sink_logit = sink.to(acc).view(1, heads, 1)
+        grad_sink = torch.zeros(heads, dtype=acc, device=q.device)
         for t0 in range(0, seq_len, block):
             t1 = min(seq_len, t0 + block)
             rows = t1 - t0
@@ -230,13 +234,13 @@ class _BlockSparseAttention(torch.autograd.Function):
             d_out = grad_out[:, :, t0:t1]  # [B, H, b, c]
             d_delta = delta[:, :, t0:t1].unsqueeze(-1)
             flat_dout = d_out.reshape(batch, heads * rows, dim)
-            flat_q = q_blk.float().reshape(batch, heads * rows, dim)
+            flat_q = q_blk.to(acc).reshape(batch, heads * rows, dim)
             # The sink's logit gets -p_sink D (its value is zero).
             grad_sink -= (torch.exp(sink_logit - block_lse.squeeze(-1)) * d_delta.squeeze(-1)).sum((0, 2))
 
             # Window keys: dS = P (dP - D); dq = scale dS K; dK = scale dS^T q + P^T dO (K = V).
             probs = torch.exp(window - block_lse)
-            wkeys = keys.window_keys.float()
+            wkeys = keys.window_keys.to(acc)
             d_scores = probs * (torch.bmm(flat_dout, wkeys.transpose(1, 2)).view_as(probs) - d_delta)
             flat_ds = d_scores.view(batch, heads * rows, -1)
             flat_p = probs.view(batch, heads * rows, -1)
@@ -247,7 +251,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             )
             if entries is not None:
                 probs = torch.exp(entries - block_lse)
-                ekeys = keys.entry_keys.float()
+                ekeys = keys.entry_keys.to(acc)
                 if ekeys.dim() == 3:  # shared prefix of visible entries
                     d_scores = probs * (torch.bmm(flat_dout, ekeys.transpose(1, 2)).view_as(probs) - d_delta)
                     flat_ds = d_scores.view(batch, heads * rows, -1)
@@ -263,7 +267,7 @@ class _BlockSparseAttention(torch.autograd.Function):
                     grad_q_blk += torch.matmul(d_scores, ekeys).mul_(scale).transpose(1, 2).reshape(
                         batch, heads * rows, dim
                     )
-                    per_entry = torch.matmul(d_scores.transpose(2, 3), q_blk.float().transpose(1, 2)).mul_(
+                    per_entry = torch.matmul(d_scores.transpose(2, 3), q_blk.to(acc).transpose(1, 2)).mul_(
                         scale
                     ) + torch.matmul(probs_q.transpose(2, 3), d_out_q)  # [B, b, k, c]
                     index = keys.entry_index.long().clamp_min(0)
@@ -296,7 +300,7 @@ def blockwise_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact joint-softmax attention (window + compressed entries + sink), linear memory.
 
-    Returns (out [B, H, T, c] in q.dtype, lse [B, H, T] fp32, the log of each query's softmax
+    Returns (out [B, H, T, c] in q.dtype, lse [B, H, T] fp32 (fp64 for fp64 q), the log of each query's softmax
     denominator including the sink, not differentiable). `block_size` 0 = automatic.
     """
     batch, heads, seq_len, _ = q.shape

@@ -55,7 +55,8 @@ class ClampedSwiGLU(torch.autograd.Function):
         act = torch.nn.functional.silu(gate_c)
         grad_prob = None
         if ctx.needs_input_grad[1]:
-            grad_prob = (act * up_c).mul_(grad_out).sum(-1, dtype=torch.float32).to(prob.dtype)
+            wide = torch.promote_types(gate_up.dtype, torch.float32)  # fp32, fp64 stays fp64
+            grad_prob = (act * up_c).mul_(grad_out).sum(-1, dtype=wide).to(prob.dtype)
         torch.mul(scaled, act, out=grad_up)
         torch.ops.aten.silu_backward.grad_input(scaled.mul_(up_c), gate_c, grad_input=grad_gate)
         if limit is not None:  # torch.clamp's gradient: passes where min <= x <= max

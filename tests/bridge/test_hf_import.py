@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -174,3 +175,59 @@ def test_official_inference_config_naming_maps_like_hf(hf_dir):
     args.update(rope_factor=scaling["factor"], original_seq_len=scaling["original_max_position_embeddings"],
                 beta_fast=scaling["beta_fast"], beta_slow=scaling["beta_slow"])
     assert model_config_from_hf(args) == model_config_from_hf(hf_config)
+
+
+def _document_lengths(seq: int, seed: int) -> list:
+    """2-4 documents, one shorter than the smallest ratio (4), one longer than 16 and not a multiple of 4."""
+    rng = random.Random(seed)
+    while True:
+        cuts = sorted(rng.sample(range(1, seq), rng.randint(1, 3)))
+        lengths = [b - a for a, b in zip([0] + cuts, cuts + [seq])]
+        if min(lengths) < 4 and any(n > 16 and n % 4 for n in lengths):
+            return lengths
+
+
+# fp32: a document packed vs alone runs the same arithmetic on other row sets (other matmul shapes,
+# gathered compression blocks), rounding differently. With these imported weights (larger than the
+# tiny recipe's init) that rounding is ~1e-6 of the largest logit: row 0's first document, which
+# sees nothing before it either way, already differs by 9.4e-7 between alone and a batch without any
+# documents. Packed vs alone measured 2.65e-6 here (1.2e-6 to 2.65e-6 over 4 random packings), hence
+# 4e-6. float64 (the same model widened): measured <= 2.5e-15, so the masking is exact and the fp32
+# difference is rounding (as in tests/model/test_documents.py). A document seeing another one moves
+# its logits by > 1e-2 (checked: 1.2 here).
+PACKED_RTOL = {"fp32": 4e-6, "float64": 1e-12}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "float64"])
+def test_load_hf_model_takes_segment_ids(hf_dir, dtype):
+    """`load_hf(path)`'s model called as `model(input_ids, segment_ids=...)`: every packed document's
+    logits equal those of the document run alone (SWA, CSA and HCA layers of the imported model)."""
+    from dsv4_train.bridge import load_hf
+
+    if dtype == "float64":  # Megatron's SequentialMLP experts: torch._grouped_mm has no float64 kernel
+        model = load_hf(hf_dir, moe_expert_compute="sequential").double()
+    else:
+        model = load_hf(hf_dir)
+    packings = [_document_lengths(CASE.seq, seed) for seed in (7, 8)]
+    segments = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(p)]) for p in packings])
+    ids = input_ids(CASE)
+    worst = 0.0
+    with torch.no_grad():
+        packed = model(ids, segment_ids=segments)
+        for row, lengths in enumerate(packings):
+            start = 0
+            for length in lengths:
+                alone = model(ids[row : row + 1, start : start + length])[0]
+                own = packed[row, start : start + length]
+                worst = max(worst, float((alone - own).abs().max() / own.abs().max()))
+                start += length
+        leaky = model(ids)  # no segment ids: later documents see earlier ones
+        # Rounding floor: row 0's first document alone vs the same tokens leading a full batch
+        # without documents (it sees nothing before it either way; only shapes differ).
+        first = packings[0][0]
+        floor = float((model(ids[:1, :first])[0] - leaky[0, :first]).abs().max() / leaky[0, :first].abs().max())
+    leak = float((leaky[0, first:] - packed[0, first:]).abs().max() / packed[0, first:].abs().max())
+    print(f"\nload_hf {dtype} {packings}: max relative difference {worst:.3g}, without segment ids {leak:.3g}, "
+          f"batch-composition rounding {floor:.3g}")
+    assert worst <= PACKED_RTOL[dtype], worst
+    assert leak > 1e-2, leak

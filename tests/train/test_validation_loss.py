@@ -13,6 +13,10 @@ import pytest
 from tests.parallel import harness
 
 EVAL = ["train.eval_interval=2", "train.eval_iters=2"]
+# fp32; a layout only reorders sums (DP: the mean over ranks' tokens; PP: the same layers on two
+# ranks). Measured relative differences: DP2 val_loss 1.0e-8, val_mtp_loss 8.0e-8; PP2 val_loss 0,
+# val_mtp_loss 7.7e-8. Other weights move them by far more: two training steps between the
+# evaluations at steps 2 and 4 change val_loss by > 1e-3 relative (checked below).
 TOLERANCE = 1e-6
 
 
@@ -43,8 +47,11 @@ def test_evaluation_leaves_training_unchanged_and_reports_at_interval(reference)
 def test_val_loss_is_layout_independent(reference, name, nproc, overrides):
     metrics = harness.layout_run(reference["root"], name, reference, overrides, nproc, extra=EVAL)
     steps = [s for s, row in reference["metrics"].items() if "val_loss" in row]
-    assert steps
-    for step in steps:
-        for key in ("val_loss", "val_mtp_loss"):
-            ours, ref = metrics[step][key], reference["metrics"][step][key]
-            assert abs(ours - ref) <= TOLERANCE * abs(ref), (name, step, key, ours, ref)
+    assert steps == [2, 4, 5], steps
+    val = {s: reference["metrics"][s]["val_loss"] for s in steps}
+    assert abs(val[4] - val[2]) > 1e-3 * val[2], val  # the bound below is far below a real change
+    assert [s for s, row in metrics.items() if "val_loss" in row] == steps, (name, sorted(metrics))
+    worst = {key: max(abs(metrics[s][key] - reference["metrics"][s][key]) / abs(reference["metrics"][s][key])
+                      for s in steps) for key in ("val_loss", "val_mtp_loss")}
+    print(f"\n{name}: max relative difference to one process {worst}; one-process val_loss by step {val}")
+    assert all(value <= TOLERANCE for value in worst.values()), (name, worst)
