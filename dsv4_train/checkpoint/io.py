@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -167,8 +167,14 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
     return sharded
 
 
-def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: TrainState, keep_last: int = 0) -> str:
-    """Save a complete checkpoint for `state.step`; returns its directory."""
+def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: TrainState, keep_last: int = 0,
+                    protect: Sequence[Optional[str]] = ()) -> str:
+    """Save a complete checkpoint for `state.step`; returns its directory.
+
+    Then prune to the `keep_last` newest complete checkpoints, never deleting the one just written
+    (the newest verified: it matches its manifest's sizes) nor any in `protect` (the checkpoint the
+    run resumed from, train/checkpointer.py). A new checkpoint that does not match its manifest prunes
+    nothing."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(root, step_dir_name(state.step))
@@ -214,7 +220,7 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
             print(f"checkpoint {final} does not match its manifest right after saving ({', '.join(damaged)}); "
                   "older checkpoints are kept", flush=True)
         else:
-            _prune(root, keep_last=keep_last, keep=final)
+            _prune(root, keep_last=keep_last, keep=(final, *protect))
     _barrier()
     return final
 
@@ -612,13 +618,18 @@ def _write_latest(root: str, name: str) -> None:
     os.replace(tmp, os.path.join(root, LATEST_FILE))
 
 
-def _prune(root: str, *, keep_last: int, keep: str) -> None:
-    for name in os.listdir(root):
-        if name.endswith(PARTIAL_SUFFIX) and os.path.join(root, name) != keep + PARTIAL_SUFFIX:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    if keep_last <= 0:
-        return
-    complete = list_complete(root)
-    for path in complete[:-keep_last]:
-        if path != keep:
-            shutil.rmtree(path, ignore_errors=True)
+def _prune(root: str, *, keep_last: int, keep: Sequence[Optional[str]]) -> List[str]:
+    """Remove leftover `.partial` saves and all but the `keep_last` newest complete checkpoints under
+    `root` (keep_last <= 0: none of them); a checkpoint in `keep` (paths, None ignored) is never
+    removed, whatever its age. Returns what was removed."""
+    protected = {os.path.realpath(path) for path in keep if path}
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(PARTIAL_SUFFIX) and os.path.realpath(path[: -len(PARTIAL_SUFFIX)]) not in protected:
+            removed.append(path)
+    if keep_last > 0:
+        removed += [path for path in list_complete(root)[:-keep_last] if os.path.realpath(path) not in protected]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed

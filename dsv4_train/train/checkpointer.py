@@ -1,6 +1,8 @@
 """When and how the training loop writes checkpoints: every `checkpoint.save_interval` steps, at the
 end (`checkpoint.save_final`) and on preemption; never from non-finite parameters; an OS error names
-the path in one line."""
+the path in one line. Pruning (`checkpoint.keep_last`) never deletes the checkpoint the run resumed
+from (`resumed_from`): after a fallback past a damaged latest checkpoint it may be the only verified
+one, and it stays until a later run resumes from a newer one."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from dsv4_train.train.nonfinite import NonFiniteStop, parameters_are_finite
 
 
 class Checkpointer:
-    def __init__(self, *, checkpoint_cfg, max_steps: int, root, model_chunks, optimizer, scheduler, device):
+    def __init__(self, *, checkpoint_cfg, max_steps: int, root, model_chunks, optimizer, scheduler, device,
+                 resumed_from=None):
         self.cfg = checkpoint_cfg
         self.max_steps = max_steps
         self.root = root
@@ -17,6 +20,7 @@ class Checkpointer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
+        self.resumed_from = resumed_from
 
     def interval_due(self, step: int) -> bool:
         """A periodic save at this step (the last step is the final save's)."""
@@ -34,7 +38,8 @@ class Checkpointer:
             )
         try:
             save_checkpoint(self.root, model_chunks=self.model_chunks, optimizer=self.optimizer,
-                            scheduler=self.scheduler, state=state, keep_last=self.cfg.keep_last)
+                            scheduler=self.scheduler, state=state, keep_last=self.cfg.keep_last,
+                            protect=(self.resumed_from,))
         except OSError as error:  # ENOSPC, EACCES, ...: name the path, keep the message to one line
             raise ValueError(
                 f"writing the checkpoint of step {state.step} failed: {error.strerror or error} "

@@ -202,7 +202,7 @@ class Trainer:
             mtp=MtpWeightSchedule(cfg.model, derived.decay_start_step),
             checkpointer=Checkpointer(checkpoint_cfg=cfg.checkpoint, max_steps=cfg.train.max_steps, root=ckpt_root,
                                       model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                                      device=runtime.device),
+                                      device=runtime.device, resumed_from=load_path),
             sink=sink,
             telemetry=StepTelemetry(cfg=cfg, model_chunks=model_chunks, device=runtime.device,
                                     world_size=runtime.world_size),
