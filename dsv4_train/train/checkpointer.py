@@ -6,9 +6,12 @@ one, and it stays until a later run resumes from a newer one."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 from typing import Optional
 
-from dsv4_train.checkpoint.io import TrainState, save_checkpoint
+from dsv4_train.checkpoint.io import PARTIAL_SUFFIX, TrainState, _rank, list_complete, save_checkpoint, step_dir_name
 from dsv4_train.train.nonfinite import NonFiniteStop, parameters_are_finite
 
 EXIT_SAVE_FAILED = 74  # EX_IOERR of sysexits.h (as 75, EXIT_PREEMPTED, is EX_TEMPFAIL); docs/launching.md
@@ -69,12 +72,37 @@ class Checkpointer:
             save_checkpoint(self.root, model_chunks=self.model_chunks, optimizer=self.optimizer,
                             scheduler=self.scheduler, state=state, keep_last=self.cfg.keep_last,
                             protect=(self.resumed_from,))
-        except (OSError, CheckpointException) as error:  # ENOSPC, EACCES, EPERM: one line naming the path
-            os_error = os_error_in(error)
+        except (OSError, RuntimeError, CheckpointException) as error:  # ENOSPC, EACCES, EPERM: one line, the path
+            partial = os.path.join(self.root, step_dir_name(state.step) + PARTIAL_SUFFIX)
+            os_error = os_error_in(error) or diagnose_write_failure(partial, self.root)
             if os_error is None:
                 raise
+            if _rank() == 0:
+                shutil.rmtree(partial, ignore_errors=True)  # an incomplete save: never loaded, only takes space
             raise CheckpointWriteError(
                 f"writing the checkpoint of step {state.step} failed: {os_error.strerror or os_error} "
-                f"({os_error.filename or self.root}); the earlier checkpoints are intact and `latest` still names "
+                f"({os_error.filename or partial}); the earlier checkpoints are intact and `latest` still names "
                 "the newest of them. Free space or fix the permissions, then run the same command to resume."
             ) from None
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(top, name)) for top, _dirs, names in os.walk(path) for name in names)
+
+
+def diagnose_write_failure(partial: str, root: str) -> Optional[OSError]:
+    """The OS error behind a failed checkpoint write that Megatron-Core's writer reports without it
+    (torch's stream writer says only "unexpected pos"; filesystem_async.py then wraps that in a
+    RuntimeError): the file system is full when its free space plus what the failed save already wrote
+    is less than the newest complete checkpoint (or under 1 MiB when there is none yet); or the
+    directory is not writable."""
+    directory = partial if os.path.isdir(partial) else root
+    if not os.path.isdir(directory):
+        return None
+    complete = list_complete(root)
+    needed = _tree_bytes(complete[-1]) if complete else 1 << 20
+    if shutil.disk_usage(directory).free + _tree_bytes(partial) < needed:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), partial)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return OSError(errno.EACCES, os.strerror(errno.EACCES), directory)
+    return None
