@@ -205,3 +205,14 @@ def test_full_disk_rerun_after_freeing_space(full_disk):
     assert f"resumed from {ckpt / 'step_00000001'} at step 1" in rerun.stdout, rerun.stdout[-3000:]
     assert by_step(read_metrics(run_dir))[2]["lm_loss"] == first[2]["lm_loss"]
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000001", "step_00000002"]
+
+
+def test_exit_code_is_documented():
+    """docs/launching.md and the Slurm template know the code the trainer exits with on a failed save."""
+    from pathlib import Path
+
+    from dsv4_train.train.checkpointer import EXIT_SAVE_FAILED
+
+    root = Path(__file__).resolve().parents[2]
+    assert f"| {EXIT_SAVE_FAILED} | a checkpoint could not be written" in (root / "docs" / "launching.md").read_text()
+    assert f"    {EXIT_SAVE_FAILED}) echo" in (root / "launch" / "slurm" / "pretrain.sbatch").read_text()
