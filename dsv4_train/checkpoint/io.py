@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -128,11 +128,6 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *, is_loading: bool,
                         legacy_optimizer_format: bool = False):
     from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: F401 (kept for clarity)
@@ -167,30 +162,30 @@ def _sharded_state_dict(model_chunks, optimizer, scheduler, state: TrainState, *
     return sharded
 
 
-def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: TrainState, keep_last: int = 0) -> str:
-    """Save a complete checkpoint for `state.step`; returns its directory."""
+def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: TrainState, keep_last: int = 0,
+                    protect: Sequence[Optional[str]] = ()) -> str:
+    """Save a complete checkpoint for `state.step`; returns its directory.
+
+    Then prune to the `keep_last` newest complete checkpoints, never deleting the one just written
+    (the newest verified: it matches its manifest's sizes) nor any in `protect` (the checkpoint the
+    run resumed from, train/checkpointer.py). A new checkpoint that does not match its manifest prunes
+    nothing."""
     from megatron.core import dist_checkpointing
 
     final = os.path.join(root, step_dir_name(state.step))
     partial = final + PARTIAL_SUFFIX
-    if _rank() == 0:
+
+    def prepare() -> None:
         os.makedirs(root, exist_ok=True)
         if os.path.isdir(partial):
             shutil.rmtree(partial)  # a crashed earlier attempt at this same step
-        if os.path.isdir(final):
-            # Re-saving an existing step (e.g. preempted right after a periodic save): move the old
-            # copy aside only after the new one is complete.
-            pass
         os.makedirs(partial)
-    _barrier()
-    sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, state, is_loading=False)
-    writer_queue.install()  # Megatron's writer manager process must not outlive a killed trainer
-    dist_checkpointing.save(sharded, partial)
-    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
-    _barrier()
-    files = manifest.build(partial, marker_name=COMPLETE_MARKER)  # collective: every rank checksums its files
-    if _rank() == 0:
+
+    def save_rng() -> None:
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+        torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{_rank()}.pt"))
+
+    def seal_and_publish() -> None:
         write_marker(partial, {
             "step": state.step,
             "consumed_samples": state.consumed_samples,
@@ -201,7 +196,7 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
             "code_version": _code_version(),
             "files": files,  # the manifest (checkpoint/manifest.py)
         })
-        if os.path.isdir(final):
+        if os.path.isdir(final):  # re-saving a step (e.g. preempted right after a periodic save)
             stale = final + ".old"
             os.replace(final, stale)
             os.replace(partial, final)
@@ -214,9 +209,43 @@ def save_checkpoint(root: str, *, model_chunks, optimizer, scheduler, state: Tra
             print(f"checkpoint {final} does not match its manifest right after saving ({', '.join(damaged)}); "
                   "older checkpoints are kept", flush=True)
         else:
-            _prune(root, keep_last=keep_last, keep=final)
-    _barrier()
+            _prune(root, keep_last=keep_last, keep=(final, *protect))
+
+    _on_ranks(prepare, rank0_only=True)
+    sharded = _sharded_state_dict(model_chunks, optimizer, scheduler, state, is_loading=False)
+    writer_queue.install()  # Megatron's writer manager process must not outlive a killed trainer
+    dist_checkpointing.save(sharded, partial)  # collective: a write failure is raised on every rank
+    _on_ranks(save_rng)
+    files = manifest.build(partial, marker_name=COMPLETE_MARKER)  # collective: every rank checksums its files
+    _on_ranks(seal_and_publish, rank0_only=True)
     return final
+
+
+def _on_ranks(action, *, rank0_only: bool = False) -> None:
+    """Collective: run `action` on every rank (or on rank 0 only), then agree on the outcome, so that
+    no rank waits forever in a barrier for one that failed: a failing rank raises its own error, the
+    others an OSError (with errno and path) or RuntimeError rebuilt from the first failure."""
+    failure = None
+    if not rank0_only or _rank() == 0:
+        try:
+            action()
+        except Exception as error:
+            failure = error
+    summary = None if failure is None else (
+        _rank(), getattr(failure, "errno", None), getattr(failure, "strerror", None),
+        getattr(failure, "filename", None), f"{type(failure).__name__}: {failure}")
+    summaries = [summary]
+    if torch.distributed.is_initialized():
+        summaries = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(summaries, summary)
+    if failure is not None:
+        raise failure
+    first = next((item for item in summaries if item is not None), None)
+    if first is not None:
+        rank, code, strerror, filename, text = first
+        if code is not None:
+            raise OSError(code, strerror, filename)
+        raise RuntimeError(f"rank {rank} failed while saving a checkpoint: {text}")
 
 
 def load_checkpoint(path: str, *, model_chunks, optimizer, scheduler, model_only: bool = False) -> TrainState:
@@ -612,13 +641,18 @@ def _write_latest(root: str, name: str) -> None:
     os.replace(tmp, os.path.join(root, LATEST_FILE))
 
 
-def _prune(root: str, *, keep_last: int, keep: str) -> None:
-    for name in os.listdir(root):
-        if name.endswith(PARTIAL_SUFFIX) and os.path.join(root, name) != keep + PARTIAL_SUFFIX:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    if keep_last <= 0:
-        return
-    complete = list_complete(root)
-    for path in complete[:-keep_last]:
-        if path != keep:
-            shutil.rmtree(path, ignore_errors=True)
+def _prune(root: str, *, keep_last: int, keep: Sequence[Optional[str]]) -> List[str]:
+    """Remove leftover `.partial` saves and all but the `keep_last` newest complete checkpoints under
+    `root` (keep_last <= 0: none of them); a checkpoint in `keep` (paths, None ignored) is never
+    removed, whatever its age. Returns what was removed."""
+    protected = {os.path.realpath(path) for path in keep if path}
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if name.endswith(PARTIAL_SUFFIX) and os.path.realpath(path[: -len(PARTIAL_SUFFIX)]) not in protected:
+            removed.append(path)
+    if keep_last > 0:
+        removed += [path for path in list_complete(root)[:-keep_last] if os.path.realpath(path) not in protected]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed

@@ -168,7 +168,7 @@ class CheckpointConfig:
     save_final: bool = True
     load: str = "auto"  # auto (latest complete in <run.dir>/checkpoints) | none | <path to a checkpoint dir>
     dir: Optional[str] = None  # None = <run.dir>/checkpoints
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept; the one this run resumed from is kept too (train/checkpointer.py)
     # Save the freshly initialised weights as step 0 before training (reference weights for
     # layout-parity checks, or a fixed starting point for a sweep).
     save_initial: bool = False

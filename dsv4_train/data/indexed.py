@@ -4,7 +4,8 @@ Writing goes through Megatron-Core's `IndexedDatasetBuilder` (one sequence per d
 with the EOD id), into temporary files that are renamed into place only when complete. Next to them we
 write `<prefix>.meta.json` (our addition, not a Megatron format): the tokenizer's hash and size, the
 EOD id, document/token counts and the largest token id. Training reads it (when present) to refuse data
-tokenized with a different tokenizer or with ids beyond the model vocabulary, without scanning `.bin`.
+tokenized with a different tokenizer or with ids beyond the model vocabulary, without scanning `.bin`;
+without it, the largest id is found by a chunked scan of `.bin` (`scan_max_token_id`).
 """
 
 from __future__ import annotations
@@ -176,28 +177,61 @@ def parse_blend(entries: List[str]) -> Tuple[List[str], Optional[List[float]]]:
     return [str(Path(p).expanduser().resolve()) for p in tokens[1::2]], weights
 
 
-def check_bin_matches_index(prefix: str) -> None:
-    """The .idx parses and the .bin has exactly the bytes it describes (a truncated copy or a .bin of
-    another dataset is refused here, not deep inside the dataset index build)."""
+def _read_index(prefix: str):
+    """The parsed `<prefix>.idx` (Megatron's reader of the index alone, no .bin mmap)."""
     from dsv4_train.data.megatron_imports import megatron_datasets
 
     megatron_datasets()  # the CPU-safe import of megatron.core.datasets
-    from megatron.core.datasets.indexed_dataset import _IndexReader  # the .idx alone (no .bin mmap)
+    from megatron.core.datasets.indexed_dataset import _IndexReader
 
     try:
-        index = _IndexReader(prefix + ".idx", multimodal=False)
-        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
-                    if len(index) else 0)
+        return _IndexReader(prefix + ".idx", multimodal=False)
     except Exception as error:  # Megatron raises assorted errors on a garbled index
         raise ValueError(
             f"data.paths entry {prefix!r}: {prefix}.idx cannot be read ({type(error).__name__}: {error}); re-create "
             "the dataset with dsv4-preprocess."
         ) from None
+
+
+def check_bin_matches_index(prefix: str) -> None:
+    """The .idx parses and the .bin has exactly the bytes it describes (a truncated copy or a .bin of
+    another dataset is refused here, not deep inside the dataset index build)."""
+    index = _read_index(prefix)
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size if len(index) else 0
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
         raise ValueError(
             f"data.paths entry {prefix!r}: {prefix}.bin has {actual} bytes but {prefix}.idx describes {expected} "
             "(truncated, or the .bin of another dataset); re-create the dataset with dsv4-preprocess."
+        )
+
+
+SCAN_CHUNK_TOKENS = 1 << 24  # 32-64 MiB of uint16/int32 ids per numpy max
+_scanned: dict = {}  # (path, size, mtime_ns) -> largest id: pre-flight and build_data scan once per process
+
+
+def scan_max_token_id(prefix: str, *, chunk_tokens: int = SCAN_CHUNK_TOKENS) -> int:
+    """The largest token id in `<prefix>.bin` (-1 when empty), read through a memory map in chunks (the
+    dtype from the .idx), for data without a `.meta.json` (e.g. written by Megatron-LM's tools)."""
+    stat = os.stat(prefix + ".bin")
+    key = (os.path.realpath(prefix + ".bin"), stat.st_size, stat.st_mtime_ns, chunk_tokens)
+    if key not in _scanned:
+        dtype = _read_index(prefix).dtype
+        largest = -1
+        if stat.st_size:
+            tokens = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
+            for start in range(0, tokens.size, chunk_tokens):
+                largest = max(largest, int(tokens[start:start + chunk_tokens].max()))
+        _scanned[key] = largest
+    return _scanned[key]
+
+
+def _check_ids_in_vocab(prefix: str, largest: int, vocab_size: int, *, where: str) -> None:
+    if largest >= vocab_size:
+        raise ValueError(
+            f"data.paths entry {prefix!r}: {where} holds token id {largest} but model.vocab_size is {vocab_size}. "
+            f"Raise model.vocab_size to > {largest}, or re-tokenize the data with the model's tokenizer "
+            "(dsv4-preprocess)."
         )
 
 
@@ -218,7 +252,8 @@ def check_prefix(prefix: str, *, tokenizer_sha256: str, tokenizer_path: str, voc
         )
     check_bin_matches_index(prefix)
     meta = read_meta(path)
-    if meta is None:
+    if meta is None:  # no recorded max id: scan the .bin once (as fast as the disk reads it)
+        _check_ids_in_vocab(prefix, scan_max_token_id(prefix), vocab_size, where=f"{prefix}.bin")
         return None
     if meta.tokenizer_sha256 != tokenizer_sha256:
         raise ValueError(
@@ -227,9 +262,5 @@ def check_prefix(prefix: str, *, tokenizer_sha256: str, tokenizer_path: str, voc
             f"({tokenizer_sha256[:12]}...). Re-run dsv4-preprocess with the training tokenizer, set "
             f"data.tokenizer to the one used for preprocessing, or delete {meta_path(path).name} to skip this check."
         )
-    if meta.max_token_id >= vocab_size:
-        raise ValueError(
-            f"data.paths entry {prefix!r} contains token id {meta.max_token_id} but model.vocab_size is "
-            f"{vocab_size}. Raise model.vocab_size to > {meta.max_token_id} or re-tokenize with a smaller tokenizer."
-        )
+    _check_ids_in_vocab(prefix, meta.max_token_id, vocab_size, where=f"{prefix}.bin (per {meta_path(path).name})")
     return meta

@@ -25,9 +25,9 @@ def check_writable(path: str, *, what: str) -> None:
     existing = _nearest_existing(path)
     if not os.path.isdir(existing):
         raise ValueError(f"{what}={path}: {existing} exists and is not a directory; choose another {what}.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}={path}: {existing} is not writable by this user; choose a writable {what} "
-                         "or fix its permissions.")
+    if not os.access(existing, os.W_OK | os.X_OK):  # permissions, a read-only mount, `chattr +i`
+        raise ValueError(f"{what}={path}: {existing} is not writable by this process (permissions, a read-only "
+                         f"file system or an immutable directory); choose a writable {what} or fix its permissions.")
 
 
 def checkpoint_bytes(cfg) -> int:

@@ -58,6 +58,7 @@ def record_run(cfg, run: Callable[[], int], *, is_main: bool):
     """Run `run()` (returns an exit code); write result.json; return (exit code, objective or nan).
     An exception is recorded as `failed` and re-raised."""
     from dsv4_train.launch.preemption import EXIT_PREEMPTED
+    from dsv4_train.train.checkpointer import EXIT_SAVE_FAILED
     from dsv4_train.train.nonfinite import EXIT_NONFINITE
 
     started = time.monotonic()
@@ -66,6 +67,8 @@ def record_run(cfg, run: Callable[[], int], *, is_main: bool):
         code = run()
         if code == EXIT_NONFINITE:
             status, reason = "diverged", "stopped on non-finite loss or gradients (see logs/rank_0.log)"
+        elif code == EXIT_SAVE_FAILED:
+            status, reason = "failed", "a checkpoint could not be written (see logs/rank_0.log)"
         elif code == EXIT_PREEMPTED:
             status, reason = "preempted", "stopped on a signal after saving; run the same command to resume"
         elif code:

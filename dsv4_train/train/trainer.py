@@ -20,7 +20,7 @@ from typing import Callable, List
 from dsv4_train.checkpoint.io import TrainState
 from dsv4_train.runtime import distributed as dist_runtime
 from dsv4_train.train.aux_metrics import collect_aux_metrics
-from dsv4_train.train.checkpointer import Checkpointer
+from dsv4_train.train.checkpointer import EXIT_SAVE_FAILED, Checkpointer, CheckpointWriteError
 from dsv4_train.train.evaluate import evaluate
 from dsv4_train.train.metrics import MetricsSink
 from dsv4_train.train.nonfinite import EXIT_NONFINITE, NonFinitePolicy, NonFiniteStop
@@ -53,7 +53,7 @@ class Trainer:
     hooks: List[Callable[[int, dict], None]] = field(default_factory=list)
 
     def run(self) -> int:
-        """Train to `train.max_steps`; returns the exit code (0, EXIT_PREEMPTED, EXIT_NONFINITE)."""
+        """Train to `train.max_steps`; returns the exit code (0, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_SAVE_FAILED)."""
         state, exit_code = self.start_state, 0
         self.data.enter(self.model_chunks, announce=self.runtime.is_main)
         try:
@@ -78,6 +78,9 @@ class Trainer:
         except NonFiniteStop as stop:
             self._say(f"dsv4-train: stopped: {stop}", file=sys.stderr)
             exit_code = EXIT_NONFINITE
+        except CheckpointWriteError as error:
+            self._say(f"dsv4-train: error: {error}", file=sys.stderr)
+            exit_code = EXIT_SAVE_FAILED
         finally:
             self.profiler.close()
             self.sink.close()
@@ -202,7 +205,7 @@ class Trainer:
             mtp=MtpWeightSchedule(cfg.model, derived.decay_start_step),
             checkpointer=Checkpointer(checkpoint_cfg=cfg.checkpoint, max_steps=cfg.train.max_steps, root=ckpt_root,
                                       model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler,
-                                      device=runtime.device),
+                                      device=runtime.device, resumed_from=load_path),
             sink=sink,
             telemetry=StepTelemetry(cfg=cfg, model_chunks=model_chunks, device=runtime.device,
                                     world_size=runtime.world_size),
