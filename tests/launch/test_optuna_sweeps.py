@@ -81,6 +81,12 @@ def test_optuna_sweep_killed_and_resumed(tmp_path):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 6 and len(study.trials) == 7  # + the killed one, marked failed
     assert [t.number for t in study.trials if t.state == optuna.trial.TrialState.FAIL] == [3]
+    # All 6 trials are TPE start-up (random) draws (n_startup_trials=10): with the sampler re-created
+    # from seed 7 the resumed trials 4-6 would repeat trials 0-2's lr exactly; re-seeded after the 4
+    # recorded trials (launch/optuna_sweep.py: sampler_seeded_after) they are new points.
+    first = {t.params["optim.lr"] for t in study.trials[:4]}
+    resumed_lrs = [t.params["optim.lr"] for t in study.trials[4:]]
+    assert not first & set(resumed_lrs), f"resumed trials repeat earlier suggestions: {resumed_lrs} vs {first}"
     for trial in complete:
         job = sweep / str(trial.number)
         result = json.loads((job / "result.json").read_text())
@@ -94,6 +100,29 @@ def test_optuna_sweep_killed_and_resumed(tmp_path):
     rows = _report(sweep).stdout.splitlines()
     assert sorted(line.split()[0] for line in rows[1:8]) == ["0", "1", "2", "3", "4", "5", "6"]
     assert (sweep / "objective_vs_optim.lr.png").stat().st_size > 0
+
+
+def test_resumed_sampler_does_not_repeat_the_first_suggestions():
+    """The resumed sampler's seed (launch/optuna_sweep.py): the same seed re-created repeats the first
+    start-up draws (the defect this guards against); the re-seeded one draws new points, and the same
+    points on every re-run of the same sweep state (deterministic)."""
+    from optuna.distributions import LogUniformDistribution
+
+    from dsv4_train.launch.optuna_sweep import sampler_seeded_after
+
+    lr = LogUniformDistribution(1e-4, 1e-2)
+
+    def draws(seed, n):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))  # in memory
+        return [study.ask({"optim.lr": lr}).params["optim.lr"] for _ in range(n)]
+
+    first = draws(7, 3)
+    assert draws(7, 3) == first  # the defect: a re-created sampler with seed 7 draws these again
+    resumed = draws(sampler_seeded_after(7, 4), 3)
+    assert not set(first) & set(resumed)
+    assert draws(sampler_seeded_after(7, 4), 3) == resumed  # deterministic
+    assert sampler_seeded_after(7, 0) == 7 and sampler_seeded_after(None, 4) is None
+    assert len({sampler_seeded_after(7, n) for n in range(1, 50)}) == 49  # each resume point its own seed
 
 
 @pytest.mark.slow
