@@ -7,8 +7,12 @@
 * A grid multirun with an absurd learning rate first: that run ends `diverged` (no objective), the
   next one still runs, and the report lists both with report.md, report.csv and PNG plots.
 * An Optuna sweep through the Slurm launcher (stand-in Slurm tools) runs 2 trials with objectives.
-* Bad sweep input is refused before any trial: a search-space key that does not exist, an empty
-  interval, an objective metric the run does not produce.
+* Bad sweep input is refused before any trial (config/sweep_space.py, config/errors.py): a search-space
+  key that does not exist, an empty choice/range/interval, hydra.sweeper.params set key by key or
+  adding keys without '++', a recipe's YAML search space out of range, unknown or out-of-range sweeper
+  options, n_jobs>1 with the local launcher, an objective metric the run does not produce; valid
+  spaces (command line, '++' dict, a recipe's own keys) pass.
+* A resumed sweep's sampler draws new points (not the first trials' again).
 """
 
 from __future__ import annotations
@@ -176,12 +180,99 @@ def test_optuna_sweep_through_the_slurm_launcher(tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["optim.lrr=interval(1e-4, 1e-2)"], "Unknown config key 'optim.lrr'"),
     (["optim.lr=interval(1e-2, 1e-4)"], "the search interval of optim.lr is empty"),
     (["run.objective.metric=val_loss"], "run.objective.metric=val_loss needs evaluation"),
-    (["hydra.sweeper.n_trails=3"], "Unknown config key 'hydra.sweeper.n_trails'"),
+    (["hydra.sweeper.n_trial=3"], "Unknown config key 'hydra.sweeper.n_trial'"),
+    (["hydra.sweeper.params.optim.lr=interval(1e-4,1e-2)"], "hydra.sweeper.params cannot be set key by key"),
+    (["hydra.sweeper.n_jobs=2"], "the local launcher (hydra/launcher=basic) runs them one after another"),
 ])
 def test_bad_sweeps_are_refused_before_any_trial(tmp_path, args, expected):
+    """Through the CLI: exit 2, one message, no traceback, no sweep directory."""
     result = _cli(["-m", "hydra/sweeper=dsv4_optuna", *args, f"hydra.sweep.dir={tmp_path / 's'}"], timeout=300)
     assert result.returncode == 2 and expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+    assert result.stderr.count("dsv4-train:") == 1, result.stderr  # one message (validate lists its problems)
+
+
+def test_a_recipes_yaml_search_space_is_checked_before_any_trial(tmp_path):
+    # recipes/tiny_lr_sweep.yaml searches optim.warmup_steps over range(2, 22, 4): its values 14 and 18
+    # exceed a 10-step run (validate: warm-up within train.max_steps); the first is named, before any trial.
+    result = _cli(["-m", "conf=tiny_lr_sweep", "train.max_steps=10", f"hydra.sweep.dir={tmp_path / 's'}"],
+                  timeout=300)
+    assert result.returncode == 2 and "optim.warmup_steps=14 must be in [0, train.max_steps=10]" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
+def _preflight(args, monkeypatch, capsys):
+    """The entry point's pre-composition (config/errors.py) in this process, with a task that fails the
+    test if it runs: returns (exit code, stderr)."""
+    from dsv4_train.cli import preflight_inputs
+    from dsv4_train.config.errors import run_with_friendly_errors
+
+    def trial():
+        raise AssertionError("a trial started")
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit:
+        run_with_friendly_errors(trial, argv=["-m", "hydra/sweeper=dsv4_optuna", *args],
+                                 extra_check=preflight_inputs)
+    return exit.value.code, capsys.readouterr().err
+
+
+PARAMS_DICT = "++hydra.sweeper.params={optim.lr: %s}"
+
+
+@pytest.mark.parametrize("args,needles", [
+    # the search space given key by key on the command line: any key, known or not
+    (["hydra.sweeper.params.optim.lrr=interval(1e-4,1e-2)"],
+     ["cannot be set key by key", "'optim.lrr=interval(1e-4,1e-2)'", "'++hydra.sweeper.params={optim.lrr:"]),
+    (["hydra.sweeper.params.optim.lr='interval(1e-4,1e-2)'"], ["cannot be set key by key"]),
+    # a dict that adds keys without '++' (Hydra's struct error, made one sentence)
+    (['hydra.sweeper.params={optim.lr: "interval(1e-4,1e-2)"}'],
+     ["'optim.lr' is not in hydra.sweeper.params yet", "'++hydra.sweeper.params={optim.lr:"]),
+    # bad search spaces, on the command line and in hydra.sweeper.params
+    (["optim.lr=choice()"], ["the sweep over optim.lr is empty: choice() needs values"]),
+    ([PARAMS_DICT % '"choice()"'], ["(in hydra.sweeper.params)", "the sweep over optim.lr is empty"]),
+    (["++hydra.sweeper.params={optim.lrr: \"interval(1e-4,1e-2)\"}"],
+     ["hydra.sweeper.params searches over 'optim.lrr'", "Did you mean optim.lr?"]),
+    (["optim.lrr=interval(1e-4, 1e-2)"], ["Unknown config key 'optim.lrr'"]),
+    ([PARAMS_DICT % "tag(log, interval(1e-4, 1e-2))"], ["the search space of optim.lr is not quoted"]),
+    ([PARAMS_DICT % '"interval(1e-2, 1e-4)"'], ["the search interval of optim.lr is empty"]),
+    (["optim.warmup_steps=range(22, 2, 4)"], ["the sweep over optim.warmup_steps has no values"]),
+    ([PARAMS_DICT % '"interval(1e-4, 1e-2"'], ["(in hydra.sweeper.params)", "'optim.lr=interval(1e-4, 1e-2'"]),
+    # sweeper options
+    (["hydra.sweeper.n_trial=3"], ["Unknown config key 'hydra.sweeper.n_trial'", "Did you mean hydra.sweeper.n_trials?",
+                                   "--cfg hydra"]),
+    (["hydra.sweeper.n_trials=3,4"], ["cannot sweep over its own settings (hydra.sweeper.n_trials)"]),
+    (["hydra.sweeper.n_jobs=0"], ["hydra.sweeper.n_jobs=0 must be at least 1"]),
+    (["hydra.sweeper.n_trials=0"], ["hydra.sweeper.n_trials=0 must be at least 1"]),
+    (["hydra.sweeper.max_failure_rate=2"], ["hydra.sweeper.max_failure_rate=2.0 must be in [0, 1]"]),
+    (["hydra.sweeper.n_jobs=3", "hydra.sweeper.n_trials=6"], ["hydra.sweeper.n_jobs=3", "hydra.sweeper.n_jobs=1",
+                                                             "hydra/launcher=dsv4_slurm"]),
+])
+def test_bad_search_spaces_and_sweeper_options_are_one_message(args, needles, monkeypatch, capsys):
+    code, err = _preflight(args, monkeypatch, capsys)
+    assert code == 2 and all(n in err for n in needles), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args", [
+    ["optim.lr=tag(log, interval(1e-3, 1e-2))"],
+    [PARAMS_DICT % '"tag(log, interval(1e-3, 1e-2))"', "optim.warmup_steps=range(1, 3)"],
+    ["conf=tiny_lr_sweep", 'hydra.sweeper.params={optim.lr: "interval(1e-3, 2e-3)"}'],  # a recipe's key: no '++'
+    ["conf=tiny_lr_sweep", "optim.lr=1e-3"],  # the command line fixes a key the recipe searches
+    # the example of conf/hydra/sweeper/dsv4_optuna.yaml
+    ['++hydra.sweeper.params={optim.lr: "tag(log, interval(3e-4, 1e-2))", optim.warmup_steps: "range(2, 20)"}'],
+    ["hydra.sweeper.n_jobs=2", "hydra/launcher=dsv4_slurm"],  # parallel trials as Slurm jobs
+])
+def test_good_search_spaces_pass_the_preflight(args, monkeypatch):
+    """The same checks let valid sweeps through to Hydra (a stand-in task; nothing trains)."""
+    from dsv4_train.launch import slurm_sweep
+
+    if "hydra/launcher=dsv4_slurm" in args and not slurm_sweep.HAVE_SUBMITIT:
+        pytest.skip("hydra-submitit-launcher (optional extra) not installed")
+    from dsv4_train.config.errors import run_with_friendly_errors
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert run_with_friendly_errors(lambda: "handed to Hydra", argv=["-m", "hydra/sweeper=dsv4_optuna", *args]) \
+        == "handed to Hydra"
