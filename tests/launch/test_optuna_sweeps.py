@@ -130,6 +130,32 @@ def test_resumed_sampler_does_not_repeat_the_first_suggestions():
 
 
 @pytest.mark.slow
+def test_the_recipes_sweep_writes_and_resumes_in_its_own_sweep_dir(tmp_path):
+    """`python -m dsv4_train -m conf=tiny_lr_sweep` (one short trial) run twice from a fresh directory:
+    both invocations use the recipe's hydra.sweep.dir (multirun/tiny_lr_sweep, relative to the working
+    directory; conf/config.yaml's timestamped default must not win), and the second finds the study
+    there, complete, and runs nothing (resuming with new trials: test_optuna_sweep_killed_and_resumed)."""
+    env = cli_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    command = [sys.executable, "-m", "dsv4_train", "-m", "conf=tiny_lr_sweep", "hydra.sweeper.n_trials=1",
+               "train.max_steps=4", "train.eval_iters=1",
+               'hydra.sweeper.params={optim.warmup_steps: "range(1, 3)"}']  # a recipe key: merged without '++'
+    sweep = tmp_path / "multirun" / "tiny_lr_sweep"
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, describe(first)
+    written = (sweep / "0" / "result.json").stat().st_mtime_ns
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "sweep already complete: 1 of n_trials=1" in again.stdout, describe(again)
+    assert sorted(p.name for p in (tmp_path / "multirun").iterdir()) == ["tiny_lr_sweep"]
+    assert not (sweep / "1").exists() and (sweep / "0" / "result.json").stat().st_mtime_ns == written
+    study = optuna.load_study(study_name="tiny_lr_sweep", storage=f"sqlite:///{sweep}/optuna.db")
+    [trial] = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.params["optim.warmup_steps"] in (1, 2)  # the command line's search space reached Optuna
+    result = json.loads((sweep / "0" / "result.json").read_text())
+    assert result["metric"] == "val_loss" and trial.value == result["objective"]
+
+
+@pytest.mark.slow
 def test_grid_sweep_with_a_diverging_run_and_the_report(tmp_path):
     sweep = tmp_path / "grid"
     run = _cli(["-m", "optim.lr=1e4,3e-3", *TRIAL, "train.max_skipped_steps=0", f"hydra.sweep.dir={sweep}"])
