@@ -65,10 +65,15 @@ def friendly_message(exc: BaseException) -> str:
     cause = _root_cause(exc)
     ctext = str(cause)
     key = getattr(cause, "full_key", None)  # OmegaConf's errors carry the dotted key
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key and key.startswith("hydra.sweeper.params."):
+        from dsv4_train.config.sweep_space import new_params_key_message
+
+        return new_params_key_message(key)
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        section = "hydra" if key.startswith("hydra.") else "job"
         return (
-            f"Unknown config key '{key}': {_one_line(ctext.splitlines()[0])}.{did_you_mean(key)} "
-            "Check the spelling; `python -m dsv4_train --cfg job` prints every key."
+            f"Unknown config key '{key}': {_one_line(ctext.splitlines()[0])}.{did_you_mean(key, cause)} "
+            f"Check the spelling; `python -m dsv4_train --cfg {section}` prints every key."
         )
     if isinstance(cause, ValidationError) and key:
         return (
@@ -138,7 +143,7 @@ def override_sets(overrides: Sequence[str], *, multirun: bool, config_dir: str) 
             )
         if not values:
             raise ValueError(f"{o.input_line}: the sweep over {o.key_or_group} has no values; give it a non-empty "
-                             "range or list.")
+                             "range (start below stop for a positive step) or list.")
         choices.append([f"{prefix}={v}" for v in values] or [])
     base = [c[0] for c in choices if c]
     sets = [base]
@@ -182,9 +187,18 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
             )
     overrides_to_check = list(args.overrides)
     if args.multirun:
-        sweeper = _sweeper_config(args.overrides)  # also refuses an unknown sweeper option
-        if str(sweeper.get("_target_", "")).endswith("ResumableOptunaSweeper"):
-            overrides_to_check += optuna_search_space(sweeper)
+        from dsv4_train.config import sweep_space
+
+        parsed = sweep_space.parse(args.overrides)
+        sweep_space.check_hydra_overrides(parsed)
+        hydra_cfg = _hydra_config(parsed)  # also refuses an unknown sweeper option
+        # The hydra.* overrides are checked on the Hydra node just now; the job configs below are
+        # composed without them (a hydra.sweeper.params dict would be merged into a null node there).
+        overrides_to_check = [o.input_line for o in parsed if not o.is_hydra_override()]
+        if str(hydra_cfg.sweeper.get("_target_", "")).endswith("ResumableOptunaSweeper"):
+            require_optuna_plugin()
+            sweep_space.check_optuna_settings(hydra_cfg)
+            overrides_to_check += sweep_space.search_space(hydra_cfg.sweeper, parsed, load.CONFIG_DIR)
     remote_sweep = args.multirun and any(
         o.startswith("hydra/launcher=") and o.split("=", 1)[1] != "basic" for o in args.overrides
     )
@@ -198,19 +212,17 @@ def preflight(argv: Sequence[str], extra_check: Optional[Callable[[object], None
                 extra_check(typed)
 
 
-def _sweeper_config(overrides: Sequence[str]):
-    """The `hydra.sweeper` node the command line composes to (a recipe may choose the sweeper),
-    without running Hydra; sweep values are left out."""
+def _hydra_config(parsed):
+    """The `hydra` node the command line composes to (a recipe may choose the sweeper and set its
+    options), without running Hydra; sweep values are left out."""
     from dsv4_train.config import load
 
-    plain = [o for o in overrides if "," not in o and "(" not in o]
+    plain = [o.input_line for o in parsed if not o.is_sweep_override()]
     with load.initialize_config_dir(config_dir=load.CONFIG_DIR, version_base=None, job_name="dsv4"):
-        return load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True).hydra.sweeper
+        return load.hydra_compose(config_name=load.CONFIG_NAME, overrides=plain, return_hydra_config=True).hydra
 
 
-def optuna_search_space(sweeper) -> List[str]:
-    """hydra.sweeper.params of an Optuna sweep as sweep overrides, so that preflight composes and
-    validates every key at the ends of its range; refuses a missing plugin."""
+def require_optuna_plugin() -> None:
     import importlib.util
 
     if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
@@ -218,8 +230,6 @@ def optuna_search_space(sweeper) -> List[str]:
             "hydra/sweeper=dsv4_optuna needs hydra-optuna-sweeper, an optional extra: install it with "
             "`scripts/install.sh sweep` (or pip install 'dsv4-train[sweep]')."
         )
-    params = sweeper.get("params") or {}
-    return [f"{key}={value}" for key, value in params.items()]
 
 
 def report(exc: BaseException, stream=None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import List
+from typing import List, Optional
 
 
 class UnknownKeyError(ValueError):
@@ -19,7 +19,7 @@ class UnknownKeyError(ValueError):
         self.keys = list(keys)
 
 
-def _schema_fields(full_key: str) -> List[str]:
+def schema_fields(full_key: str) -> List[str]:
     """Field names of the section holding `full_key` (for 'did you mean')."""
     from dsv4_train.config.schema import Config
 
@@ -32,9 +32,13 @@ def _schema_fields(full_key: str) -> List[str]:
     return [x.name for x in dataclasses.fields(cls)]
 
 
-def did_you_mean(full_key: str) -> str:
+def did_you_mean(full_key: str, cause: Optional[BaseException] = None) -> str:
+    """Close names among the fields of the key's section: the schema's, or those of the node an
+    OmegaConf error (`cause`) names, e.g. the sweeper's options for hydra.sweeper.n_trial."""
     leaf = full_key.split(".")[-1]
-    close = difflib.get_close_matches(leaf, _schema_fields(full_key), n=3)
+    parent = getattr(cause, "parent_node", None)
+    fields = [str(k) for k in parent.keys()] if hasattr(parent, "keys") else schema_fields(full_key)
+    close = difflib.get_close_matches(leaf, fields, n=3)
     prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
     return f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 

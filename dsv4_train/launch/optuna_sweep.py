@@ -5,8 +5,10 @@ search with its study stored in the sweep directory (SQLite). The plugin itself 
 trials on every invocation and numbers jobs from 0, so re-running a sweep would redo the budget and
 write new trials into the old trials' run directories. This subclass (the only hand-written part)
 first reads the study: `n_trials` becomes the total budget (finished trials count against it), a
-trial left RUNNING by a killed sweep is marked failed and run again as a new trial, and job numbers
-continue after the last trial.
+trial left RUNNING by a killed sweep is marked failed and run again as a new trial, job numbers
+continue after the last trial, and the sampler is re-seeded from its seed and the number of recorded
+trials (`sampler_seeded_after`): re-created with the sweep's own seed, its random start-up trials
+would repeat the parameters of the trials already run.
 Each trial's task returns its objective (train/objective.py); NaN for a failed or diverged run.
 The plugin cannot record a NaN with optuna 2.x (`study.tell` refuses it, and again in the plugin's
 own error handler, which stops the sweep), so such a return reaches the plugin as a value that
@@ -47,6 +49,29 @@ def mark_runs_without_objective(returns) -> None:
             ret.return_value = NoObjective(ret.working_dir)
 
 
+def sampler_seeded_after(seed, n_recorded: int):
+    """The seed of a sampler that resumes a study holding `n_recorded` trials: `seed` itself for a new
+    study, else a value derived from both (numpy's SeedSequence), the same on every re-run of the same
+    sweep state, and different from `seed` so that the start-up draws do not repeat the first trials'.
+    None (an unseeded sampler) stays None."""
+    if seed is None or n_recorded == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(n_recorded)]).generate_state(1)[0])
+
+
+def reseeded_sampler(sampler_cfg, n_recorded: int):
+    """A new sampler from its config (hydra.sweeper.sampler) with seed sampler_seeded_after(...);
+    None when the sampler takes no seed (e.g. GridSampler: its grid order does not repeat trials)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    if sampler_cfg is None or "seed" not in sampler_cfg or OmegaConf.select(sampler_cfg, "seed") is None:
+        return None
+    return instantiate(sampler_cfg, seed=sampler_seeded_after(sampler_cfg.seed, n_recorded))
+
+
 def resumable_impl_class():
     """OptunaSweeperImpl with resume (imported lazily: the sweep extra is optional)."""
     import optuna
@@ -72,6 +97,9 @@ def resumable_impl_class():
                         study._storage.set_trial_state(trial._trial_id, optuna.trial.TrialState.FAIL)
                 self.n_trials = max(budget - done, 0)
                 self.job_idx = len(trials)
+                sampler = reseeded_sampler(self.config.hydra.sweeper.get("sampler"), len(trials))
+                if sampler is not None:
+                    self.sampler = sampler
                 log.info(f"resuming study {self.study_name}: {done} trials done, {self.n_trials} to go")
                 if self.n_trials == 0:
                     print(f"sweep already complete: {done} of n_trials={budget} trials done "

@@ -62,6 +62,23 @@ def test_override_precedence():
     assert compose([]).model.hash_table_seed == ModelConfig().hash_table_seed
 
 
+def _hydra_section(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None, job_name="dsv4"):
+        return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True).hydra
+
+
+def test_a_recipes_hydra_settings_win_over_the_primary_config():
+    # conf/config.yaml lists _self_ before the recipe: recipes/tiny_lr_sweep.yaml's fixed sweep dir
+    # (where a re-run finds its Optuna study) beats config.yaml's timestamped default ...
+    assert _hydra_section(["conf=tiny_lr_sweep"]).sweep.dir == "multirun/tiny_lr_sweep"
+    # ... the command line beats the recipe, and a recipe that sets none keeps the default
+    assert _hydra_section(["conf=tiny_lr_sweep", "hydra.sweep.dir=elsewhere"]).sweep.dir == "elsewhere"
+    assert _hydra_section(["conf=tiny_pretrain"]).sweep.dir.startswith("multirun/tiny_pretrain/20")
+
+
 @pytest.mark.parametrize("name", ["tiny", "flash", "pro"])
 def test_model_yaml_round_trips(name):
     with open(f"{CONFIG_DIR}/model/{name}.yaml") as f:
