@@ -6,6 +6,8 @@ dispatcher does under expert TP) and back-propagates through it (an uneven reduc
 Exits non-zero on any mismatch. Exact comparisons: only copies and sums of small integers.
 """
 
+import os
+
 import torch
 
 from dsv4_train.mcore import cpu_compat
@@ -39,3 +41,7 @@ assert torch.equal(x.grad, total * g[start : start + sizes[rank]]), (x.grad, g)
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
 print(f"rank {rank} ok", flush=True)
+# Skip interpreter teardown: torch's C++ static destructors after a gloo run occasionally abort
+# ("terminate called without an active exception", seen under heavy load) after both ranks
+# passed; what this worker checks is done above.
+os._exit(0)
