@@ -30,13 +30,20 @@ def check_writable(path: str, *, what: str) -> None:
                          f"file system or an immutable directory); choose a writable {what} or fix its permissions.")
 
 
+# The distributed checkpoint's own overhead over the raw tensor bytes (per-tensor headers, the
+# `.metadata` index, RNG files): 27% measured on the tiny fp32 model (12.26 MB on disk for 9.66 MB of
+# tensors); larger models have relatively fewer, larger tensors, so this errs on the safe side.
+FORMAT_OVERHEAD = 1.3
+
+
 def checkpoint_bytes(cfg) -> int:
-    """One full checkpoint: every parameter's weight and its optimizer state (fp32 Adam moments, plus
-    fp32 master weights under bf16)."""
+    """One full checkpoint, as Megatron-Core's optimizer saves it: every parameter's weight (bf16 or
+    fp32) plus three fp32 optimizer tensors (the main `param` copy, saved in fp32 runs too, and two
+    moments; Muon's momentum-only state is smaller), times the format overhead."""
     params = count_params(cfg.model)
     total = params.main_total + params.mtp_total
-    per_param = (2 + 12) if cfg.train.precision == "bf16" else (4 + 8)
-    return total * per_param
+    per_param = (2 if cfg.train.precision == "bf16" else 4) + 12
+    return int(total * per_param * FORMAT_OVERHEAD)
 
 
 def check_space(path: str, needed: int, *, what: str) -> None:

@@ -95,3 +95,17 @@ def test_fallback_resume_keeps_its_checkpoint_through_pruning(trained, tmp_path)
     assert _steps(root) == ["step_00000003", "step_00000006"]
     for step in ("step_00000003", "step_00000006"):
         assert checkpoint_problems(str(root / step), "full") == [], step
+
+
+@pytest.mark.slow
+def test_disk_space_estimate_covers_a_real_checkpoint(trained):
+    """The pre-start free-space check (launch/output_dirs.py::checkpoint_bytes) asks for at least
+    what a checkpoint of this run takes on disk, and not wildly more (<= 1.5x: a refusal of a run
+    that would fit is a false alarm)."""
+    from dsv4_train.config.load import compose
+    from dsv4_train.launch.output_dirs import checkpoint_bytes
+
+    step = trained / "checkpoints" / "step_00000004"
+    on_disk = sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
+    estimate = checkpoint_bytes(compose(RUN))
+    assert on_disk <= estimate <= 1.5 * on_disk, (on_disk, estimate)
