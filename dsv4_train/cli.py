@@ -190,8 +190,22 @@ def run_task(run: PreparedRun, *, yaml_text: str, in_sweep: bool, inputs_checked
         run_lock.release_all()  # a sweep runs its jobs in one process, each in its own run.dir
     code, objective = outcome if isinstance(outcome, tuple) else (outcome, float("nan"))
     if code and not in_sweep:
+        _record_exit_code(code)
         sys.exit(code)
     return objective
+
+
+EXIT_CODE_FILE_ENV = "DSV4_EXIT_CODE_FILE"
+
+
+def _record_exit_code(code: int) -> None:
+    """Write a documented exit code (docs/launching.md) where a launcher that reports every worker
+    failure as 1 (torchrun) can read it back: launch/torchrun.sh sets the file."""
+    path = os.environ.get(EXIT_CODE_FILE_ENV)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(f"{code}\n")
 
 
 def report_user_error(error: BaseException) -> None:

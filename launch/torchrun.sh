@@ -53,7 +53,10 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT_S}"  # read by torch >
 mkdir -p "${RUN_DIR}/logs"
 # Touched by rank 0 once the stop-signal checkpoint is saved: how this script tells 75 from a crash.
 export DSV4_PREEMPT_MARKER="${RUN_DIR}/logs/preempted.torchrun.$$"
-rm -f "${DSV4_PREEMPT_MARKER}"
+# Written by the ranks with any other documented exit code (3 non-finite, 74 checkpoint not written):
+# torchrun itself reports every worker failure as 1.
+export DSV4_EXIT_CODE_FILE="${RUN_DIR}/logs/exit_code.torchrun.$$"
+rm -f "${DSV4_PREEMPT_MARKER}" "${DSV4_EXIT_CODE_FILE}"
 
 if (( NNODES > 1 )); then
     RDZV_ARGS=(--nnodes="${NNODES}" --rdzv-backend=c10d --rdzv-endpoint="${RDZV_ENDPOINT}" --rdzv-id="${RDZV_ID}")
@@ -85,5 +88,11 @@ if [[ -f "${DSV4_PREEMPT_MARKER}" ]]; then
     rm -f "${DSV4_PREEMPT_MARKER}"
     echo "torchrun.sh: checkpoint saved on a stop signal; run the same command to resume" >&2
     exit 75
+fi
+if [[ "${status}" != 0 && -f "${DSV4_EXIT_CODE_FILE}" ]]; then
+    code="$(cat "${DSV4_EXIT_CODE_FILE}")"
+    rm -f "${DSV4_EXIT_CODE_FILE}"
+    echo "torchrun.sh: the ranks exited with ${code} (docs/launching.md)" >&2
+    exit "${code}"
 fi
 exit "${status}"

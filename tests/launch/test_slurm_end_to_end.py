@@ -176,3 +176,20 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
     resumed = [line for line in (run_dir / "logs" / "rank_0.log").read_text().splitlines() if "resumed from" in line]
     assert resumed and latest in resumed[-1], resumed
     assert max(metrics_steps(run_dir)) == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_torchrun_script_reports_the_ranks_documented_exit_code(tmp_path):
+    """torchrun reports any failed worker as 1; launch/torchrun.sh returns the code the ranks chose
+    (here 3, a diverged run: docs/launching.md) instead."""
+    from dsv4_train.train.nonfinite import EXIT_NONFINITE
+
+    run_dir = tmp_path / "run"
+    env = slurm_env(tmp_path / "nostate", {"NPROC_PER_NODE": "2", "RUN_DIR": str(run_dir)})
+    diverging = ["train.max_steps=8", "optim.warmup_steps=1", "optim.lr=1e4", "optim.min_lr=0",
+                 "train.max_skipped_steps=1", "checkpoint.save_final=false", "logging.wandb=false"]
+    proc = subprocess.run(["bash", str(TORCHRUN), *diverging], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == EXIT_NONFINITE, describe(proc)
+    assert f"torchrun.sh: the ranks exited with {EXIT_NONFINITE}" in proc.stderr
+    assert not list((run_dir / "logs").glob("exit_code.torchrun.*"))  # the script cleans up after itself
