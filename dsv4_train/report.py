@@ -4,7 +4,7 @@ Reads every job directory of a Hydra multirun or Optuna sweep (also a partial on
 `result.json` is listed as `incomplete`), prints a table sorted by objective (best first; the
 overrides that differ between jobs, objective, final lm_loss, tokens/s, status) and writes
 `report.md`, `report.csv`, `loss_curves.png` (every job's lm_loss per step on one chart) and one
-`objective_vs_<key>.png` per swept numeric key (log scale when its values span two decades or more).
+`objective_vs_<key>.png` per swept numeric key (log scale when its values span a decade or more).
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def _as_number(text: Optional[str]) -> Optional[float]:
 
 
 def x_scale(values) -> str:
-    """'log' when the swept values are positive and span two decades or more (a learning rate), else
+    """'log' when the swept values are positive and span a decade or more (a learning rate), else
     'linear'."""
-    return "log" if min(values) > 0 and max(values) / min(values) >= 100 else "linear"
+    return "log" if min(values) > 0 and max(values) / min(values) >= 10 else "linear"
 
 
 def plots(jobs: List[dict], keys: List[str], out: Path) -> List[Path]:
