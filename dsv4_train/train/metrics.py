@@ -83,12 +83,14 @@ class MetricsSink:
         if not self.is_main:
             return
         step = int(metrics["step"])
+        remaining = self.max_steps - step
         if self._first_step is None:
-            self._first_step = step - 1
-            self._start = time.monotonic() - metrics.get("step_time_s", 0.0)
-        done = step - self._first_step
-        elapsed = time.monotonic() - self._start
-        eta = elapsed / max(done, 1) * (self.max_steps - step)
+            # The first step of a process carries one-off costs (allocator, lazy initialisation, the
+            # first batch): the rate is timed from its end, so the ETA is not inflated by them.
+            self._first_step, self._start = step, time.monotonic()
+            eta = metrics.get("step_time_s", 0.0) * remaining
+        else:
+            eta = (time.monotonic() - self._start) / (step - self._first_step) * remaining
         self._jsonl.write(json.dumps(metrics, sort_keys=True) + "\n")
         if print_line and self.logging_cfg.console:
             print(console_line(metrics, max_steps=self.max_steps, eta_s=eta, num_stages=self.num_stages), flush=True, file=sys.stdout)

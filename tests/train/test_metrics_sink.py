@@ -35,3 +35,18 @@ def test_wandb_auto_mode_is_online_only_with_a_key(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online"
     assert resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_eta_is_timed_after_the_first_step(tmp_path, monkeypatch, capsys):
+    """A slow first step (start-up costs) must not inflate the ETA: steps 2 and 3 take 1 s each, so
+    at step 3 of 10 the ETA is 7 s, not (10 + 1 + 1) / 3 x 7 = 28 s."""
+    from dsv4_train.train import metrics as metrics_module
+
+    clock = iter([0.0, 100.0, 101.0, 102.0])  # the sink's creation, then the end of steps 1, 2, 3
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: next(clock))
+    sink = MetricsSink(run_dir=str(tmp_path), logging_cfg=LoggingConfig(), is_main=True, config_dict={}, max_steps=10)
+    for step in (1, 2, 3):
+        sink.log({"step": step, "lm_loss": 6.0, "step_time_s": 10.0 if step == 1 else 1.0}, print_line=True)
+    sink.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert "ETA 01:30" in lines[0] and "ETA 00:07" in lines[2], lines
