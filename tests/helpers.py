@@ -35,16 +35,12 @@ def run_cli(args: Sequence[str], *, nproc: int = 1, timeout: int = 600, env: Opt
         cmd: List[str] = [sys.executable, "-m", module, *args]
     else:
         cmd = [
+            # --standalone: torchrun binds its store on a free port itself (a port picked here could be
+            # taken by another test's connection before torchrun binds it: EADDRINUSE under pytest -n 2).
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}", "-m", module, *args,
+            "--standalone", "-m", module, *args,
         ]
     return subprocess.run(cmd, cwd=cwd or REPO, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    from dsv4_train.launch.env import free_port
-
-    return free_port()
 
 
 def read_metrics(run_dir) -> List[dict]:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,18 +63,12 @@ def test_independent_processes_share_a_fresh_cache(tmp_path):
     _no_debris(cache)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_prepare_collectively_and_read_their_dp_share(tmp_path):
     cache, out = tmp_path / "shared_cache", tmp_path / "out"
     # Own process group, so that a hang (a deadlock never ends by itself) kills torchrun *and* its ranks.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          str(PROBE), "--cache", str(cache), "--out", str(out), "--slow-lock"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )

@@ -80,11 +80,9 @@ def test_kill_9_of_the_torchrun_agent_stops_every_worker(tmp_path):
 
     import psutil
 
-    from tests.helpers import _free_port
-
     run_dir = tmp_path / "run"
     agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          "-m", "dsv4_train", "train.max_steps=500", "optim.warmup_steps=1", f"run.dir={run_dir}"],
         cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -89,11 +89,11 @@ def test_uneven_first_dim_collectives_over_gloo():
     import subprocess
     from pathlib import Path
 
-    from tests.helpers import _free_port, cli_env
+    from tests.helpers import cli_env
 
     worker = Path(__file__).with_name("uneven_collectives_worker.py")
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
          str(worker)],
         cwd=Path(__file__).resolve().parents[2], env=cli_env(), capture_output=True, text=True, timeout=300,
     )
