@@ -60,6 +60,11 @@ class PreemptionWatcher:
     def __init__(self) -> None:
         self._received: Optional[int] = None  # signal number of the first stop signal
         self._agreed = False
+        # The loop sets `step_in_flight` as each step starts, so the log says when the signal landed
+        # and the save step can be checked against it (the step in flight, or the next one when it
+        # lands between a step's agreement and the next step's start).
+        self.step_in_flight = 0
+        self.received_during_step: Optional[int] = None
 
     @classmethod
     def install(cls, signals: Iterable[int] = DEFAULT_SIGNALS) -> "PreemptionWatcher":
@@ -86,9 +91,10 @@ class PreemptionWatcher:
         # Only set a flag: no I/O beyond one line on stderr, no collectives, no locks.
         if self._received is None:
             self._received = signum
+            self.received_during_step = self.step_in_flight
             sys.stderr.write(
-                f"[dsv4_train] received {signal.Signals(signum).name}: will save a checkpoint and exit "
-                f"with code {EXIT_PREEMPTED} at the next step boundary\n"
+                f"[dsv4_train] received {signal.Signals(signum).name} during step {self.step_in_flight}: will "
+                f"save a checkpoint and exit with code {EXIT_PREEMPTED} at the next step boundary\n"
             )
 
     @property

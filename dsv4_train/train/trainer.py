@@ -61,6 +61,7 @@ class Trainer:
                 if self.data.moved_to(step):
                     self.data.enter(self.model_chunks, announce=self.runtime.is_main)
                 stage = self.data.stage
+                self.watcher.step_in_flight = step
                 result, step_time = self._train_one_step(step, stage)
                 state = TrainState(step=step, consumed_samples=state.consumed_samples + stage.global_batch_size,
                                    mtp_loss_weight=self.mtp.weight_at(step))

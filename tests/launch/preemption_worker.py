@@ -26,6 +26,7 @@ def main() -> int:
     )
     watcher = PreemptionWatcher.install()
     for step in range(1, 2000):
+        watcher.step_in_flight = step
         grad = torch.ones(4)
         torch.distributed.all_reduce(grad)
         print(f"step {step}", flush=True)
@@ -33,7 +34,8 @@ def main() -> int:
         if watcher.should_stop():
             (out_dir / f"saved_rank{process.rank}").write_text(str(step))
             watcher.requeue_if_slurm()
-            print(json.dumps({"rank": process.rank, "stopped_at": step, "received": watcher.received_signal}),
+            print(json.dumps({"rank": process.rank, "stopped_at": step, "received": watcher.received_signal,
+                              "received_during_step": watcher.received_during_step}),
                   flush=True)
             torch.distributed.destroy_process_group()
             return EXIT_PREEMPTED

@@ -106,8 +106,10 @@ def test_ranks_agree_and_rank0_requeues_once(tmp_path):
     results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     assert results[0]["stopped_at"] == results[1]["stopped_at"], results
     assert results[0]["received"] is None and results[1]["received"] == signal.SIGUSR2
-    # The step in flight when the signal lands is finished, then they stop: at most one step after
-    # the last one logged before the signal, plus one that may complete between reading and sending.
-    assert results[1]["stopped_at"] <= last_step_before + 2, (results, last_step_before)
+    # The step in flight when the signal lands is finished, then they stop (the next step when it lands
+    # after that step's agreement). Timed by the worker, not by this test: on a loaded machine several
+    # 20 ms steps can pass between reading the log and sending the signal.
+    landed = results[1]["received_during_step"]
+    assert last_step_before <= landed <= results[1]["stopped_at"] <= landed + 1, (results, last_step_before)
     assert [c["argv"] for c in calls(tmp_path, "scontrol")] == [["requeue", job_id]]
     assert {(tmp_path / f"saved_rank{r}").read_text() for r in range(2)} == {str(results[0]["stopped_at"])}
