@@ -21,7 +21,7 @@ def main() -> int:
     out_dir = Path(sys.argv[1])
     process = discover()
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://{process.master_addr}:{process.master_port}", rank=process.rank,
+        "gloo", init_method=f"file://{out_dir / 'rendezvous'}", rank=process.rank,
         world_size=process.world_size, timeout=timedelta(seconds=60),
     )
     watcher = PreemptionWatcher.install()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from dsv4_train.launch.env import free_port
 from dsv4_train.launch.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from tests.launch.launch_helpers import calls, slurm_env, wait_for
 
@@ -79,7 +78,7 @@ def test_ranks_agree_and_rank0_requeues_once(tmp_path):
     job_id = "4711"
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / f"{job_id}.json").write_text("{}")  # the stand-in scontrol knows the job
-    port = str(free_port())
+    port = "29500"  # discover() reads it; the worker rendezvouses through a file (no port race)
     procs, logs = [], []
     for rank in range(2):
         env = slurm_env(tmp_path, {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",

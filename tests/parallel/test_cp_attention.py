@@ -41,12 +41,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, store_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     from dsv4_train.mcore import cpu_compat
 
     cpu_compat.apply()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: a port picked here could be taken before rank 0 binds it (pytest -n 2).
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(context_parallel_size=world)
@@ -111,9 +112,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_context_parallel_attention_matches_unsplit(tmp_path):
-    from dsv4_train.launch.env import free_port
-
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     worst = {}
     for rank in range(2):
         for key, value in torch.load(tmp_path / f"rank{rank}.pt").items():

@@ -87,12 +87,13 @@ def _load(model, directory: str) -> None:
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, layout_name: str, phase: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _worker(rank: int, world: int, store_file: str, out_dir: str, layout_name: str, phase: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
     from dsv4_train.mcore import cpu_compat
 
     cpu_compat.apply()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: a port picked here could be taken before rank 0 binds it (pytest -n 2).
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     from megatron.core import parallel_state
     from test_documents import _documents, _packing, _segments
 
@@ -182,9 +183,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, layout_name: str, ph
 @pytest.mark.parametrize("phase", ["dense", "sparse"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_packed_documents_equal_alone_under_layout(tmp_path, layout, phase):
-    from dsv4_train.launch.env import free_port
-
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), layout, phase), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), layout, phase), nprocs=2, join=True)
     for rank in range(2):
         worst = torch.load(tmp_path / f"rank{rank}.pt")
         print(f"\n{layout} {phase} rank {rank} {worst['packings']}: {worst['compared']} parameter gradients; "
