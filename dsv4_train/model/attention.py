@@ -56,6 +56,7 @@ from torch import nn
 
 from dsv4_train.config.model import ATTENTION_BACKENDS, ATTENTION_MODE_BY_RATIO, CSA_RATIO, ModelConfig
 from dsv4_train.model import aux_losses
+from dsv4_train.model.blocking import auto_runs_dense
 from dsv4_train.model.compressor import Compressor
 from dsv4_train.model.documents import Documents
 from dsv4_train.model.flex_attention import available as flex_available
@@ -127,12 +128,16 @@ def joint_softmax_attention(
     return out.view(batch, heads, seq_len, dim), probs
 
 
-def resolve_backend(choice: str, device: torch.device) -> str:
+def resolve_backend(choice: str, device: torch.device, *, one_block: bool = False) -> str:
     """model.attention_backend -> "dense" | "blockwise" | "flex" for tensors on `device` ("auto":
-    flex where the activations are on CUDA, blockwise otherwise, e.g. run.device=cpu on a GPU host)."""
+    dense when one query block covers the layer's queries (`one_block`, model/blocking.py
+    `auto_runs_dense`), else flex where the activations are on CUDA, blockwise otherwise, e.g.
+    run.device=cpu on a GPU host)."""
     if choice not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention_backend={choice!r} is not one of {ATTENTION_BACKENDS}.")
     if choice == "auto":
+        if one_block:
+            return "dense"
         return "flex" if device.type == "cuda" and flex_available() else "blockwise"
     return choice
 
@@ -269,7 +274,7 @@ class HybridAttention(MegatronModule):
 
         # The indexer's extra inputs: the CP previous block, the keys already summed over CP (documents).
         inputs = (x, c_q, q, kv, compressed, positions, (previous, indexer_keys), layout, cp)
-        if self.backend(x.device) == "dense":
+        if self.backend(x.device, seq_len=seq_len, batch=batch) == "dense":
             out, indexer_loss = self._dense_core(*inputs)
         else:
             out, indexer_loss = self._sparse_core(*inputs)
@@ -353,9 +358,13 @@ class HybridAttention(MegatronModule):
         return out, indexer_loss
 
     # ------------------------------------------------------------------------------------------
-    def backend(self, device: torch.device) -> str:
-        """The core attention implementation used for activations on `device`."""
-        return resolve_backend(self.backend_choice, device)
+    def backend(self, device: torch.device, *, seq_len: int = 0, batch: int = 1) -> str:
+        """The core attention implementation used for `seq_len` queries x `batch` on `device`."""
+        one_block = self.backend_choice == "auto" and 0 < seq_len and auto_runs_dense(
+            self.model_cfg, ratio=self.ratio, seq_len=seq_len, batch=batch,
+            tp=self.config.tensor_model_parallel_size, phase=self._phase(),
+        )
+        return resolve_backend(self.backend_choice, device, one_block=one_block)
 
     def _sum_owned_entries(self, extended, positions, blocks, cp):
         """Packed documents under CP: this rank compresses the blocks that end on it (from its halo +

@@ -51,6 +51,10 @@ def make_plan(
     memory = {mode: rank_memory(cfg, d, recompute=mode) for mode in RECOMPUTE_MODES}
     stages = [_stage_plan(cfg, stage, world_size, recompute, gpu_memory_gib) for stage in d.train_stages]
     worst = max(r["total_gib"] for r in memory[recompute])
+    dense_attention = any(
+        plan_backend(m, ratio=r, seq_length=t.seq_length // p.cp, micro_batch=t.micro_batch_size, tp=p.tp) == "dense"
+        for r in set(m.compress_ratios)
+    )
     return {
         "model": m.name,
         "layout": {
@@ -90,7 +94,7 @@ def make_plan(
         "memory_assumptions": (
             f"{t.precision} weights, fp32 main grads, "
             + _optimizer_state_words(cfg)
-            + ("; dense attention (keeps [H, s, s+N] fp32 scores)" if plan_backend(m) == "dense"
+            + ("; dense attention (keeps [H, s, s+N] fp32 scores)" if dense_attention
                else "; blockwise/flex attention (linear in s, one query block's scores at a time)")
             + "; 1F1B in-flight micro-batches; 5 GiB overhead"
         ),

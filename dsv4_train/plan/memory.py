@@ -28,10 +28,15 @@ interleaved. A fixed allowance covers the CUDA context, NCCL buffers and fragmen
 
 from __future__ import annotations
 
-import functools
 
 from dsv4_train.config.model import CSA_RATIO
-from dsv4_train.model.blocking import attention_block_elements, auto_block_size, indexer_block_elements
+from dsv4_train.model.blocking import (
+    attention_block_elements,
+    auto_runs_dense,
+    block_shapes,
+    indexer_block_elements,
+    query_block,
+)
 from dsv4_train.config.derive import RECOMPUTE_MODULES, selected_modules
 from dsv4_train.plan.params import count_params
 
@@ -47,10 +52,16 @@ def bytes_per_param(precision: str) -> dict:
     return {"weights": 4, "grads": 4, "optimizer": 8}
 
 
-def plan_backend(m) -> str:
-    """The attention backend a GPU run of `m` uses ("auto" = flex on CUDA). Flex keeps what the
-    blockwise path keeps (q, keys, output, log-sum-exp; CSA's sparse phase is the same gather path)."""
-    return "dense" if m.attention_backend == "dense" else "blockwise"
+def plan_backend(m, *, ratio: int, seq_length: int, micro_batch: int, tp: int) -> str:
+    """The attention backend a GPU run of `m` uses for a layer of compression `ratio` ("auto" =
+    dense when one query block covers the sequence, `model/blocking.py::auto_runs_dense`, the rule
+    the model applies; else flex on CUDA). Flex keeps what the blockwise path keeps (q, keys,
+    output, log-sum-exp; CSA's sparse phase is the same gather path)."""
+    if m.attention_backend == "dense" or (m.attention_backend == "auto" and auto_runs_dense(
+        m, ratio=ratio, seq_len=seq_length, batch=micro_batch, tp=tp, phase=m.indexer_phase
+    )):
+        return "dense"
+    return "blockwise"
 
 
 def sinkhorn_kept_per_token(m) -> float:
@@ -61,7 +72,8 @@ def sinkhorn_kept_per_token(m) -> float:
 
 
 def activation_elements_per_token(
-    m, *, ratio: int, tp: int, sp: bool, recompute: str, seq_length: int, act_bytes: int, modules=RECOMPUTE_MODULES
+    m, *, ratio: int, tp: int, sp: bool, recompute: str, seq_length: int, act_bytes: int, modules=RECOMPUTE_MODULES,
+    micro_batch: int = 1,
 ) -> float:
     """Elements kept per token by one block for backward, on one TP rank.
 
@@ -85,7 +97,8 @@ def activation_elements_per_token(
     moe = k * (d + 2 * f + routed_act) + m.num_shared_experts * (d + 3 * f)  # the shared expert: no recompute
     seq_parts += moe  # expert inputs are token copies; EP moves them, it does not shrink them
     attention = attention_kept_per_token(
-        m, ratio=ratio, tp=tp, backend=plan_backend(m), seq_length=seq_length, act_bytes=act_bytes
+        m, ratio=ratio, tp=tp, seq_length=seq_length, act_bytes=act_bytes,
+        backend=plan_backend(m, ratio=ratio, seq_length=seq_length, micro_batch=micro_batch, tp=tp),
     )
     return seq_parts / (tp if sp else 1) + attention
 
@@ -103,7 +116,8 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
     tokens = t.micro_batch_size * t.seq_length / p.cp
     seq_local = t.seq_length // p.cp  # each CP rank's queries (keys: its halo + the gathered entries)
     modules = selected_modules("selective", t.recompute_modules)
-    per_token = dict(tp=p.tp, sp=p.sp, recompute=recompute, seq_length=seq_local, act_bytes=act_bytes, modules=modules)
+    per_token = dict(tp=p.tp, sp=p.sp, recompute=recompute, seq_length=seq_local, act_bytes=act_bytes, modules=modules,
+                     micro_batch=t.micro_batch_size)
     vpp = derived.vpp
     interleave = 1 + (p.pp - 1) / (p.pp * vpp) if vpp > 1 else 1.0
     ratios = m.compress_ratios
@@ -143,7 +157,8 @@ def rank_memory(cfg, derived, *, recompute: str = "selective") -> list:
         if layer_ratios:  # the largest attention backward working set, one layer at a time
             activations += max(
                 attention_working_bytes(
-                    m, ratio=r, tp=p.tp, backend=plan_backend(m), seq_length=seq_local, micro_batch=t.micro_batch_size
+                    m, ratio=r, tp=p.tp, seq_length=seq_local, micro_batch=t.micro_batch_size,
+                    backend=plan_backend(m, ratio=r, seq_length=seq_local, micro_batch=t.micro_batch_size, tp=p.tp),
                 )
                 for r in set(layer_ratios)
             )
@@ -208,17 +223,12 @@ def attention_working_bytes(m, *, ratio: int, tp: int, backend: str, seq_length:
     if backend == "dense":
         keys = t + (t // ratio if ratio else 0)
         return grads + 3 * 4 * b * heads * t * (keys + 1)
-    sparse = ratio == CSA_RATIO and m.indexer_phase == "sparse"
-    shape = dict(
-        batch=b, heads=int(heads), window=m.sliding_window, dim=c,
-        entries=0 if sparse or not ratio else t // ratio, gathered=m.index_topk if sparse else 0,
-    )
-    block = min(t, m.attention_block_size or auto_block_size(functools.partial(attention_block_elements, **shape)))
+    shape, indexer = block_shapes(m, ratio=ratio, seq_len=t, batch=b, tp=tp, phase=m.indexer_phase)
+    block = min(t, query_block(shape, attention_block_elements, m.attention_block_size))
     working = WORKING_COPIES * attention_block_elements(block, **shape) * 4
-    if ratio == CSA_RATIO and m.indexer_phase != "dense":
-        shape = dict(batch=b, heads=int(m.index_n_heads / tp), entries=t // ratio)
-        block = min(t, m.attention_block_size or auto_block_size(functools.partial(indexer_block_elements, **shape)))
-        working = max(working, INDEXER_WORKING_COPIES * indexer_block_elements(block, **shape) * 4)
+    if indexer is not None:
+        block = min(t, query_block(indexer, indexer_block_elements, m.attention_block_size))
+        working = max(working, INDEXER_WORKING_COPIES * indexer_block_elements(block, **indexer) * 4)
     return grads + working
 
 
