@@ -111,6 +111,27 @@ def test_auto_backend_follows_the_activations_device(build_attention):
         build_attention(tiny_model_config(attention_backend="fused"), 1)
 
 
+@pytest.mark.parametrize("layer_index", [0, 1, 2])
+def test_auto_runs_dense_only_when_one_query_block_covers_the_sequence(build_attention, layer_index):
+    """`auto` takes the dense path when the linear-memory path would run a single query block (same
+    scores, fewer ops), and the plan prices the path the model takes (one rule, model/blocking.py)."""
+    from dsv4_train.plan.memory import plan_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for block, short, long in ((32, 32, 33), (0, 64, 4096)):  # an explicit block; the automatic one (tiny: 256)
+        cfg = tiny_model_config(attention_backend="auto", attention_block_size=block, indexer_phase="sparse")
+        module = build_attention(cfg, layer_index)
+        ratio = cfg.compress_ratios[layer_index]
+        assert module.backend(cpu, seq_len=short, batch=BATCH) == "dense", (block, short)
+        assert module.backend(cuda, seq_len=short, batch=BATCH) == "dense", (block, short)
+        assert module.backend(cpu, seq_len=long, batch=BATCH) == "blockwise", (block, long)
+        assert module.backend(cuda, seq_len=long, batch=BATCH) == "flex", (block, long)
+        for seq, expected in ((short, "dense"), (long, "blockwise")):
+            assert plan_backend(cfg, ratio=ratio, seq_length=seq, micro_batch=BATCH, tp=1) == expected
+        fixed = build_attention(dataclasses.replace(cfg, attention_backend="blockwise"), layer_index)
+        assert fixed.backend(cpu, seq_len=short, batch=BATCH) == "blockwise"  # only auto chooses
+
+
 def test_flex_refused_without_cuda_before_start():
     from dsv4_train.config.schema import Config
     from dsv4_train.config.validate import ConfigError, validate

@@ -27,7 +27,8 @@ LAYOUTS = [
     ("pp2_ep2", 4, ["parallel.pp=2", "parallel.ep=2", PP2]),
     ("pp2_cp2", 4, ["parallel.pp=2", "parallel.cp=2", PP2]),
     ("tp2_pp2", 4, ["parallel.tp=2", "parallel.sp=true", "parallel.pp=2", PP2]),
-    ("cp2_tp2", 4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true"]),
+    # The linear-memory attention path (auto runs dense at 64 tokens; the reference is dense).
+    ("cp2_tp2_blockwise", 4, ["parallel.cp=2", "parallel.tp=2", "parallel.sp=true", "model.attention_backend=blockwise"]),
 ]
 _rows = []
 

@@ -13,7 +13,9 @@ gave 6.5e-4 on grad_norm, reduce-scattering the MoE output gradient (counting it
 and every TP rank taking rank 0's token ids for hash routing 8.7e-4 on lm_loss.
 
 Layouts (DP2 alone is tests/train/test_training_runs.py::test_data_parallel_2_matches_single_process):
-* tp2_sp: attention heads / indexer heads / grouped output projection, shared expert, expert TP
+* tp2_sp_blockwise: the linear-memory attention path (`auto` runs the dense path at the recipe's 64
+  tokens, which fit one query block; the 1-process reference is dense, the paths agree to ~1e-7) with
+  attention heads / indexer heads / grouped output projection, shared expert, expert TP
   (etp = tp), vocab-parallel embedding, head and MTP, all with the sequence split over TP;
 * ep2_alltoall: experts split over 2 ranks (dense parameters data-parallel, distributed optimizer);
 * ep2_dp2_allgather_overlap: ep=2 on 4 ranks (expert data parallel 2), the allgather dispatcher,
@@ -36,7 +38,7 @@ from tests.parallel import harness
 TOLERANCE = 1e-5  # relative; see the module docstring
 
 LAYOUTS = [
-    ("tp2_sp", 2, ["parallel.tp=2", "parallel.sp=true"]),
+    ("tp2_sp_blockwise", 2, ["parallel.tp=2", "parallel.sp=true", "model.attention_backend=blockwise"]),
     ("ep2_alltoall", 2, ["parallel.ep=2", "parallel.moe_dispatcher=alltoall"]),
     ("ep2_dp2_allgather_overlap", 4, ["parallel.ep=2", "parallel.moe_dispatcher=allgather",
                                       "parallel.overlap_grad_reduce=true", "parallel.ddp_bucket_size=20000"]),
