@@ -16,7 +16,8 @@
 # Stop signals: SIGTERM, SIGUSR1 or SIGUSR2 to this script are forwarded to torchrun as SIGTERM,
 # which forwards it to every worker; the workers agree at the next step boundary, save a
 # checkpoint and exit. This script then exits with 75 (EXIT_PREEMPTED in
-# dsv4_train/launch/preemption.py); torchrun alone would report 1. Ctrl-C (SIGINT) stops at once.
+# dsv4_train/launch/preemption.py), which the ranks write to $RUN_DIR/logs/exit_code.torchrun.<pid>;
+# torchrun alone would not report it. Ctrl-C (SIGINT) stops at once.
 # Exit codes: 0 done, 75 saved on a stop signal (run the same command to resume), 2 bad launch or
 # config, anything else: a rank failed (see $RUN_DIR/logs/).
 
@@ -51,12 +52,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT_S}"  # read by torch >= 2.8's torchrun
 mkdir -p "${RUN_DIR}/logs"
-# Touched by rank 0 once the stop-signal checkpoint is saved: how this script tells 75 from a crash.
-export DSV4_PREEMPT_MARKER="${RUN_DIR}/logs/preempted.torchrun.$$"
-# Written by the ranks with any other documented exit code (3 non-finite, 74 checkpoint not written):
-# torchrun itself reports every worker failure as 1.
+# Written by the ranks with their documented exit code (75 saved on a stop signal, 3 non-finite,
+# 74 checkpoint not written): torchrun itself reports every worker failure as 1.
 export DSV4_EXIT_CODE_FILE="${RUN_DIR}/logs/exit_code.torchrun.$$"
-rm -f "${DSV4_PREEMPT_MARKER}" "${DSV4_EXIT_CODE_FILE}"
+rm -f "${DSV4_EXIT_CODE_FILE}"
 
 if (( NNODES > 1 )); then
     RDZV_ARGS=(--nnodes="${NNODES}" --rdzv-backend=c10d --rdzv-endpoint="${RDZV_ENDPOINT}" --rdzv-id="${RDZV_ID}")
@@ -84,14 +83,18 @@ while kill -0 "${TORCHRUN_PID}" 2>/dev/null; do
 done
 status=0
 wait "${TORCHRUN_PID}" || status=$?
-if [[ -f "${DSV4_PREEMPT_MARKER}" ]]; then
-    rm -f "${DSV4_PREEMPT_MARKER}"
+# The ranks' code wins over torchrun's status whatever that is: after a stop signal torchrun may
+# report 0 or 1 depending on how its workers ended.
+code=""
+if [[ -f "${DSV4_EXIT_CODE_FILE}" ]]; then
+    code="$(cat "${DSV4_EXIT_CODE_FILE}")"
+    rm -f "${DSV4_EXIT_CODE_FILE}"
+fi
+if [[ "${code}" == 75 ]]; then
     echo "torchrun.sh: checkpoint saved on a stop signal; run the same command to resume" >&2
     exit 75
 fi
-if [[ "${status}" != 0 && -f "${DSV4_EXIT_CODE_FILE}" ]]; then
-    code="$(cat "${DSV4_EXIT_CODE_FILE}")"
-    rm -f "${DSV4_EXIT_CODE_FILE}"
+if [[ "${code}" =~ ^[0-9]+$ ]]; then  # empty when a rank died while writing it
     echo "torchrun.sh: the ranks exited with ${code} (docs/launching.md)" >&2
     exit "${code}"
 fi

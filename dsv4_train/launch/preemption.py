@@ -27,7 +27,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import Iterable, Optional
 
@@ -41,10 +40,6 @@ EXIT_PREEMPTED: int = 75
 Relaunching the same command resumes from that checkpoint. `launch/torchrun.sh` and the Slurm
 template pass it through; any other non-zero code means the run failed.
 """
-
-PREEMPT_MARKER_ENV = "DSV4_PREEMPT_MARKER"
-"""If set, `requeue_if_slurm()` touches this file: launchers that cannot see the workers' exit
-codes (torchrun reports every worker failure as 1) use it to report EXIT_PREEMPTED themselves."""
 
 REQUEUE_ENV = "DSV4_REQUEUE"
 """Set to 0 to stop `requeue_if_slurm()` from requeueing (the run still saves and exits 75)."""
@@ -130,7 +125,7 @@ class PreemptionWatcher:
             signal.signal(signum, signal.SIG_IGN)
 
     def requeue_if_slurm(self) -> None:
-        """Hand over after the checkpoint is saved: requeue the Slurm job once, mark the stop.
+        """Hand over after the checkpoint is saved: requeue the Slurm job once.
 
         Waits for every rank (so no rank is still writing when Slurm tears the job down), then on
         global rank 0 runs `scontrol requeue $SLURM_JOB_ID` when running under Slurm and
@@ -143,10 +138,6 @@ class PreemptionWatcher:
             rank = torch.distributed.get_rank()
         if rank != 0:
             return
-        marker = os.environ.get(PREEMPT_MARKER_ENV)
-        if marker:
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
-            Path(marker).write_text(f"{self._received or 0}\n")
         job_id = os.environ.get("SLURM_JOB_ID")
         if not job_id or os.environ.get(REQUEUE_ENV, "1") == "0":
             return

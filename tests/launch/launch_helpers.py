@@ -22,7 +22,7 @@ TEMPLATES = [SUBMIT, SBATCH_TEMPLATE, TORCHRUN, REPO / "launch" / "lib" / "check
 def slurm_env(state_dir: Path, extra: Optional[dict] = None) -> dict:
     """The test environment plus the stand-in Slurm tools first on PATH and the venv's bin next."""
     env = cli_env()
-    for var in [v for v in env if v.startswith("SLURM_")] + ["DSV4_PREEMPT_MARKER"]:
+    for var in [v for v in env if v.startswith("SLURM_")] + ["DSV4_EXIT_CODE_FILE"]:
         env.pop(var, None)
     env["PATH"] = os.pathsep.join([str(FAKE_BIN), str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FAKE_SLURM_DIR"] = str(state_dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dsv4_train.launch.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from tests.launch.launch_helpers import calls, slurm_env, wait_for
+from tests.launch.launch_helpers import TORCHRUN, calls, describe, run_script, slurm_env, wait_for
 
 WORKER = Path(__file__).resolve().parent / "preemption_worker.py"
 
@@ -47,12 +47,29 @@ def test_install_twice_keeps_one_flag(watcher):
     assert PreemptionWatcher.install() is watcher and watcher.should_stop()
 
 
-def test_requeue_outside_slurm_only_marks(watcher, tmp_path, monkeypatch):
+def test_requeue_outside_slurm_does_nothing(watcher, monkeypatch, caplog):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    monkeypatch.setenv("DSV4_PREEMPT_MARKER", str(tmp_path / "m" / "preempted"))
-    monkeypatch.setenv("PATH", "/nonexistent")  # would fail loudly if it tried scontrol
+    monkeypatch.setenv("PATH", "/nonexistent")  # would log a warning if it tried scontrol
     watcher.requeue_if_slurm()
-    assert (tmp_path / "m" / "preempted").is_file()
+    assert not caplog.records, caplog.text
+
+
+@pytest.mark.parametrize("torchrun_status", [0, 1])
+def test_torchrun_script_returns_75_from_the_ranks_whatever_torchrun_reports(tmp_path, torchrun_status):
+    """After a stop signal torchrun may report 0 or 1; the 75 the ranks wrote to DSV4_EXIT_CODE_FILE
+    is what the script returns (a stand-in torchrun plays the ranks here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "torchrun"
+    fake.write_text(f'#!/bin/sh\necho {EXIT_PREEMPTED} > "$DSV4_EXIT_CODE_FILE"\nexit {torchrun_status}\n')
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = slurm_env(tmp_path / "nostate", {"NPROC_PER_NODE": "1", "RUN_DIR": str(run_dir)})
+    env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
+    proc = run_script(TORCHRUN, [], env)
+    assert proc.returncode == EXIT_PREEMPTED, describe(proc)
+    assert "torchrun.sh: checkpoint saved on a stop signal; run the same command to resume" in proc.stderr
+    assert not list((run_dir / "logs").glob("exit_code.torchrun.*"))
 
 
 def test_failed_requeue_is_logged_not_raised(watcher, tmp_path, monkeypatch, caplog):
