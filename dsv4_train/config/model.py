@@ -60,7 +60,8 @@ class ModelConfig:
     # (the test reference), "blockwise" = exact query-block attention with gathered top-k entries
     # and a recomputing backward (linear memory, model/sparse_attention.py), "flex" = torch
     # FlexAttention block masks (needs CUDA to train; CSA's sparse phase uses the gather path),
-    # "auto" = flex on CUDA, blockwise otherwise.
+    # "auto" = dense when one query block covers a layer's queries (model/blocking.py), else flex on
+    # CUDA, blockwise otherwise.
     attention_backend: str = "auto"
     attention_block_size: int = 0  # queries per block of the blockwise path; 0 = automatic
     # mHC hyper-connections.

@@ -58,7 +58,7 @@ class PreemptionWatcher:
         # The loop sets `step_in_flight` as each step starts, so the log says when the signal landed
         # and the save step can be checked against it (the step in flight, or the next one when it
         # lands between a step's agreement and the next step's start).
-        self.step_in_flight = 0
+        self.step_in_flight: Optional[int] = None  # None: before the first step (start-up)
         self.received_during_step: Optional[int] = None
 
     @classmethod
@@ -87,9 +87,10 @@ class PreemptionWatcher:
         if self._received is None:
             self._received = signum
             self.received_during_step = self.step_in_flight
+            when = "during start-up" if self.step_in_flight is None else f"during step {self.step_in_flight}"
             sys.stderr.write(
-                f"[dsv4_train] received {signal.Signals(signum).name} during step {self.step_in_flight}: will "
-                f"save a checkpoint and exit with code {EXIT_PREEMPTED} at the next step boundary\n"
+                f"[dsv4_train] received {signal.Signals(signum).name} {when}: will save a checkpoint and exit "
+                f"with code {EXIT_PREEMPTED} at the next step boundary\n"
             )
 
     @property
