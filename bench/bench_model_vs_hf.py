@@ -63,7 +63,6 @@ def main() -> None:
 
     from dsv4_train.bridge import load_hf
     from dsv4_train.mcore import cpu_compat
-    from dsv4_train.model.attention import HybridAttention
     from tests.bridge.hf_oracle import CASES, build_hf, input_ids, save_hf
 
     case = CASES[0]  # the tiny default config (conf/model/tiny.yaml)
@@ -71,6 +70,8 @@ def main() -> None:
     directory = save_hf(hf, tempfile.mkdtemp(prefix="bench_v4_"))
     ours_lm = load_hf(directory).eval()
     ours_blockwise = load_hf(directory).eval()
+    from dsv4_train.model.attention import HybridAttention  # after load_hf: Megatron imports need the CPU layer
+
     for module in ours_blockwise.modules():
         if isinstance(module, HybridAttention):
             module.backend_choice = "blockwise"
