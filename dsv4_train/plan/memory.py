@@ -28,7 +28,6 @@ interleaved. A fixed allowance covers the CUDA context, NCCL buffers and fragmen
 
 from __future__ import annotations
 
-
 from dsv4_train.config.model import CSA_RATIO
 from dsv4_train.model.blocking import (
     attention_block_elements,
