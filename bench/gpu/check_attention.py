@@ -83,7 +83,7 @@ def speed(device, seqs, emit, smoke):
 
     from dsv4_train.config.model import ModelConfig
     from dsv4_train.model import aux_losses
-    from dsv4_train.plan.memory import attention_layer_bytes
+    from dsv4_train.plan.memory import attention_layer_bytes, plan_backend
 
     geometry = dict(FLASH_ATTENTION)
     if smoke:
@@ -114,9 +114,13 @@ def speed(device, seqs, emit, smoke):
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
                 peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-                planned = attention_layer_bytes(cfg, ratio=cfg.compress_ratios[layer_index], seq_length=seq,
-                                                micro_batch=1, backend="blockwise", act_bytes=2 if dtype == torch.bfloat16 else 4)
-                emit({"check": "speed", "kind": kind, "backend": module.backend(device), "seq": seq, "time_s": elapsed,
+                ratio = cfg.compress_ratios[layer_index]
+                ran = module.backend(device, seq_len=seq, batch=1)  # auto: dense when one query block covers seq
+                planned = attention_layer_bytes(
+                    cfg, ratio=ratio, seq_length=seq, micro_batch=1, act_bytes=2 if dtype == torch.bfloat16 else 4,
+                    backend=plan_backend(cfg, ratio=ratio, seq_length=seq, micro_batch=1, tp=1),
+                )
+                emit({"check": "speed", "kind": kind, "backend": ran, "seq": seq, "time_s": elapsed,
                       "peak_gib": None if peak is None else peak / 2**30, "plan_gib": planned / 2**30})
             except Exception as error:  # report and go on: one failing size must not hide the others
                 emit({"check": "speed", "kind": kind, "seq": seq, "error": f"{type(error).__name__}: {error}"[:500]})
