@@ -14,11 +14,17 @@ Rows (timed in rounds of consecutive steps per model, so machine drift hits them
   runs once a sequence spans more than one query block).
 * ours, V4 training forward: train mode with labels: LM loss + the MTP block and its loss + the
   indexer KL and sequence-balance losses (work HF's model does not do), for reference.
+* forward only (no grad): HF's loss forward and ours (logits + the same cross-entropy), the
+  forward's share of the ratio.
+
+`--sinkhorn-iters N` sets mHC's Sinkhorn iterations in BOTH models (the release uses 20): with 1,
+the comparison isolates everything but the Sinkhorn loop (where the two implementations differ most).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="consecutive timed steps per model and round")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print the top ops of one same-work step of ours")
+    parser.add_argument("--sinkhorn-iters", type=int, default=None,
+                        help="mHC Sinkhorn iterations in both models (default: the config's 20)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -66,6 +74,8 @@ def main() -> None:
     from tests.bridge.hf_oracle import CASES, build_hf, input_ids, save_hf
 
     case = CASES[0]  # the tiny default config (conf/model/tiny.yaml)
+    if args.sinkhorn_iters is not None:
+        case = dataclasses.replace(case, extra={**case.extra, "hc_sinkhorn_iters": args.sinkhorn_iters})
     hf = build_hf(case).train()
     directory = save_hf(hf, tempfile.mkdtemp(prefix="bench_v4_"))
     ours_lm = load_hf(directory).eval()
@@ -92,16 +102,28 @@ def main() -> None:
     def ours_same_work():
         same_work(ours_lm)
 
+    def hf_forward():
+        with cpu_compat.mode_suspended(), torch.no_grad():
+            hf(ids, labels=ids)
+
+    def ours_forward():
+        with torch.no_grad():
+            logits = ours_lm(ids)
+            F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
     def ours_training():
         ours_train.zero_grad(set_to_none=True)
         ours_train(ids, labels=labels)[:, :-1].mean().backward()
 
     results = _medians_over_rounds(
-        {"hf": hf_step, "same": ours_same_work, "blockwise": lambda: same_work(ours_blockwise), "train": ours_training},
+        {"hf": hf_step, "same": ours_same_work, "blockwise": lambda: same_work(ours_blockwise), "train": ours_training,
+         "hf_fwd": hf_forward, "fwd": ours_forward},
         rounds=args.rounds, block=args.block, warmup=args.warmup,
     )
     hf_s = results["hf"][0]
-    print(f"config {case.name}: batch {ids.shape[0]} x seq {ids.shape[1]}, threads {torch.get_num_threads()}, "
+    iters = ours_lm.model_cfg.hc_sinkhorn_iters  # as loaded from the HF config: both models run it
+    print(f"config {case.name}: batch {ids.shape[0]} x seq {ids.shape[1]}, Sinkhorn iterations {iters}, "
+          f"threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.block} consecutive steps per model after {args.warmup} warm-up")
     rows = [
         ("transformers DeepseekV4ForCausalLM", "hf"),
@@ -113,6 +135,11 @@ def main() -> None:
         median, fastest = results[key]
         print(f"{label:40s} fwd+bwd median {median * 1e3:7.1f} ms  min {fastest * 1e3:7.1f} ms  "
               f"ratio {median / hf_s:.2f}x")
+    hf_fwd_s = results["hf_fwd"][0]
+    for label, key in (("transformers, forward only", "hf_fwd"), ("ours, same work, forward only", "fwd")):
+        median, fastest = results[key]
+        print(f"{label:40s} fwd     median {median * 1e3:7.1f} ms  min {fastest * 1e3:7.1f} ms  "
+              f"ratio {median / hf_fwd_s:.2f}x")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
