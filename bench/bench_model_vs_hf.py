@@ -1,7 +1,7 @@
 """Step time (forward + backward) of our tiny V4 vs transformers' DeepseekV4ForCausalLM on the same
 config and weights, on CPU with one thread. Prints medians over timed steps after warm-up.
 
-    OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 python bench/bench_model_vs_hf.py [--rounds 3] [--block 10]
+    OMP_NUM_THREADS=1 python bench/bench_model_vs_hf.py [--rounds 3] [--block 10] [--sinkhorn-iters N]
 
 Rows (timed in rounds of consecutive steps per model, so machine drift hits them alike):
 * transformers: `hf(ids, labels=ids).loss.backward()` in train mode, run WITHOUT our CPU
@@ -12,6 +12,9 @@ Rows (timed in rounds of consecutive steps per model, so machine drift hits them
   path here (64 tokens fit one query block);
 * ours, same work, blockwise: the same with the linear-memory attention path forced (what `auto`
   runs once a sequence spans more than one query block).
+* ours, same work, compiled Sinkhorn: the same with `model.sinkhorn_kernel=compiled` (mHC's two
+  Sinkhorn step loops as torch.compile kernels, what `auto` runs on CUDA; compiled once at start,
+  ~25 s; eager if TORCHDYNAMO_DISABLE=1 is set, and the row says so).
 * ours, V4 training forward: train mode with labels: LM loss + the MTP block and its loss + the
   indexer KL and sequence-balance losses (work HF's model does not do), for reference.
 * forward only (no grad): HF's loss forward and ours (logits + the same cross-entropy), the
@@ -33,7 +36,6 @@ import time
 import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -85,6 +87,12 @@ def main() -> None:
     for module in ours_blockwise.modules():
         if isinstance(module, HybridAttention):
             module.backend_choice = "blockwise"
+    ours_compiled = load_hf(directory).eval()
+    from dsv4_train.model.mhc import HyperConnection
+
+    for module in ours_compiled.modules():
+        if isinstance(module, HyperConnection):
+            module.sinkhorn_kernel = "compiled"
     ours_train = load_hf(directory).train()
     ids = input_ids(case)
     labels = torch.roll(ids, -1, dims=1)  # ours: position t predicts t+1; the last column is dropped
@@ -116,7 +124,8 @@ def main() -> None:
         ours_train(ids, labels=labels)[:, :-1].mean().backward()
 
     results = _medians_over_rounds(
-        {"hf": hf_step, "same": ours_same_work, "blockwise": lambda: same_work(ours_blockwise), "train": ours_training,
+        {"hf": hf_step, "same": ours_same_work, "blockwise": lambda: same_work(ours_blockwise),
+         "compiled": lambda: same_work(ours_compiled), "train": ours_training,
          "hf_fwd": hf_forward, "fwd": ours_forward},
         rounds=args.rounds, block=args.block, warmup=args.warmup,
     )
@@ -129,6 +138,8 @@ def main() -> None:
         ("transformers DeepseekV4ForCausalLM", "hf"),
         ("ours, same work (LM loss only)", "same"),
         ("ours, same work, blockwise attention", "blockwise"),
+        ("ours, same work, compiled Sinkhorn" + (" (NOT: dynamo disabled)" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else ""),
+         "compiled"),
         ("ours, V4 training forward (+MTP, aux)", "train"),
     ]
     for label, key in rows:

@@ -5,7 +5,9 @@
 
 1. The bf16 matmul ceiling of the device (8192^3 GEMMs): the practical peak MFU is measured against.
 2. `tiny_pretrain` in bf16 on the GPU (30 steps): loss falls, tokens/s, telemetry present.
-3. A single-GPU V4 proxy with Flash's widths (hidden 4096, 64 heads of 512, q/o low rank, mHC 4,
+3. mHC's Sinkhorn at 4K tokens, eager step loops vs the compiled kernels `model.sinkhorn_kernel=auto`
+   runs on CUDA: exactness (forward and gradient) and time per forward + backward.
+4. A single-GPU V4 proxy with Flash's widths (hidden 4096, 64 heads of 512, q/o low rank, mHC 4,
    CSA + HCA + SWA layers, 8 experts of 2048, top-6, vocab 129280), 4 layers + MTP, 4K tokens,
    synthetic data, bf16: tokens/s, model TFLOP/s (the plan's FLOPs), MFU against the table peak and
    against the measured ceiling, peak memory against the plan's estimate for the same config.
@@ -22,6 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # the Sinkhorn check imports the package from this checkout
 
 FLASH_PROXY = [
     "model=flash", "model.num_layers=4", "model.compress_ratios=[0,4,128,4,0]", "model.num_hash_layers=1",
@@ -54,6 +57,51 @@ def matmul_ceiling(device: str, size: int, iters: int = 20) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return 2 * size**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def sinkhorn_kernels(device: str, tokens: int) -> dict:
+    """Eager vs compiled Sinkhorn step loops (model/mhc.py) on `device`: max differences and ms per
+    forward + backward of one mHC's [tokens, 4, 4] projection (20 iterations, fp32, as in the model)."""
+    import torch
+
+    if device == "cpu":
+        from dsv4_train.mcore import cpu_compat
+
+        cpu_compat.apply()  # Megatron-Core imports need the CPU layer without a GPU
+    from dsv4_train.model.mhc import sinkhorn_comb
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (4.0 * torch.randn(tokens, 4, 4, generator=gen)).to(device)
+    upstream = torch.randn(tokens, 4, 4, generator=gen).to(device)
+
+    def step(compiled: bool):
+        x = logits.clone().requires_grad_()
+        y = sinkhorn_comb(x, iters=20, eps=1e-6, compiled=compiled)
+        (y * upstream).sum().backward()
+        return y.detach(), x.grad
+
+    def synchronize():
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    record = {"check": "sinkhorn_kernels", "tokens": tokens}
+    start = time.perf_counter()
+    compiled_out, compiled_grad = step(True)
+    synchronize()
+    record["compile_s"] = time.perf_counter() - start
+    eager_out, eager_grad = step(False)
+    record["forward_max_diff"] = (compiled_out - eager_out).abs().max().item()
+    record["grad_max_diff"] = (compiled_grad - eager_grad).abs().max().item()
+    for name, compiled in (("eager", False), ("compiled", True)):
+        for _ in range(3):
+            step(compiled)
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            step(compiled)
+        synchronize()
+        record[f"{name}_ms"] = (time.perf_counter() - start) / 20 * 1e3
+    return record
 
 
 def cli(args, run_dir: str, timeout: int) -> dict:
@@ -98,6 +146,8 @@ def main() -> int:
                    "first_loss": rows[0]["lm_loss"] if rows else None, "last_loss": rows[-1]["lm_loss"] if rows else None,
                    "tokens_per_sec": steady(rows, "tokens_per_sec", 2), "telemetry": bool(rows) and "model_tflops" in rows[-1],
                    "wall_s": tiny["wall_s"], "tail": tiny["tail"]})
+        if os.environ.get("TORCHDYNAMO_DISABLE") != "1":  # the compiled loops need torch.compile
+            emit(out, sinkhorn_kernels(args.device, 128 if args.smoke else 4096))
         if args.smoke:
             return 0 if tiny["rc"] == 0 else 1
 

@@ -15,6 +15,7 @@ from typing import List
 ATTENTION_MODE_BY_RATIO = {0: "sliding_window", 4: "csa"}  # any other ratio > 0 is HCA
 CSA_RATIO = 4
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "flex")
+SINKHORN_KERNELS = ("auto", "eager", "compiled")
 
 
 @dataclass
@@ -68,6 +69,10 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1.0e-6
+    # mHC's Sinkhorn step loops (same values): "eager" = 3 (forward) / 4 (backward) torch ops per
+    # step, "compiled" = one torch.compile kernel per loop (compiled at start-up), "auto" = compiled
+    # on CUDA (the eager loops are ~270 kernel launches per mHC), eager on CPU.
+    sinkhorn_kernel: str = "auto"
     # MoE (every layer is MoE; the first `num_hash_layers` are hash-routed).
     num_hash_layers: int = 3
     num_routed_experts: int = 256

@@ -51,6 +51,7 @@ class V4Block(MegatronModule):
             sinkhorn_iters=model_cfg.hc_sinkhorn_iters,
             hc_eps=model_cfg.hc_eps,
             norm_eps=model_cfg.rms_norm_eps,
+            sinkhorn_kernel=model_cfg.sinkhorn_kernel,
         )
         self.hc_attn = HyperConnection(config=config, **hc_kwargs)
         self.attn_norm = rms_norm(config, model_cfg)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from megatron.core.transformer.module import MegatronModule
 
+from dsv4_train.config.model import SINKHORN_KERNELS
 from dsv4_train.mcore.compute_context import model_compute
 from dsv4_train.model.primitives import at_least_fp32
 
@@ -36,12 +37,22 @@ def _mark_sequence_parallel(module: torch.nn.Module, config) -> None:
         param.sequence_parallel = bool(config.sequence_parallel)
 
 
-def sinkhorn_comb(logits: torch.Tensor, *, iters: int, eps: float) -> torch.Tensor:
+def sinkhorn_comb(logits: torch.Tensor, *, iters: int, eps: float, compiled: bool = False) -> torch.Tensor:
     """Project [.., n, n] logits onto (nearly) doubly stochastic matrices, official order.
 
-    Columns sum to 1 (up to eps) after the final step; rows to ~1.
+    Columns sum to 1 (up to eps) after the final step; rows to ~1. `compiled`: run the step loops
+    as torch.compile kernels (`model.sinkhorn_kernel`, see `resolve_sinkhorn_kernel`).
     """
-    return _SinkhornComb.apply(logits, iters, eps)
+    return _SinkhornComb.apply(logits, iters, eps, compiled)
+
+
+def resolve_sinkhorn_kernel(choice: str, device: torch.device) -> bool:
+    """model.sinkhorn_kernel -> whether the step loops run compiled ("auto": on CUDA, where the eager
+    loops are ~270 kernel launches per mHC and micro-batch; eager on CPU, where compiling costs
+    ~20 s at start-up)."""
+    if choice not in SINKHORN_KERNELS:
+        raise ValueError(f"model.sinkhorn_kernel={choice!r} is not one of {SINKHORN_KERNELS}.")
+    return choice == "compiled" or (choice == "auto" and device.type == "cuda")
 
 
 def _sinkhorn_dims(iters: int) -> Tuple[int, ...]:
@@ -57,6 +68,51 @@ def _eps_tensor(eps: float, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(eps, dtype=torch.promote_types(dtype, torch.float32), device=device)
 
 
+def _steps_forward(comb: torch.Tensor, eps: torch.Tensor, iters: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """comb [n_rows, n_cols, M] -> (each step's output, each step's denominator sum + eps)."""
+    outputs, denominators = [], []
+    # Positional torch.* calls: eagerly this loop is pure per-call overhead, and keyword parsing
+    # alone is ~10% of it.
+    for dim in _sinkhorn_dims(iters):
+        denom = torch.sum(comb, dim, True).add_(eps)
+        comb = torch.div(comb, denom)
+        outputs.append(comb)
+        denominators.append(denom)
+    return outputs, denominators
+
+
+def _steps_backward(grad: torch.Tensor, outputs: List[torch.Tensor], denominators: List[torch.Tensor],
+                    iters: int) -> torch.Tensor:
+    """Gradient [n_rows, n_cols, M] of the last step's output -> of the first step's input."""
+    dims = _sinkhorn_dims(iters)
+    for k in range(len(dims) - 1, -1, -1):
+        # d/dx of x / (sum(x) + eps): (g - sum(g * out)) / denom (denom is constant along the
+        # summed dim), 4 ops where autograd's g / d - sum(g * (out / d)) takes 5.
+        grad = torch.sub(grad, torch.sum(torch.mul(grad, outputs[k]), dims[k], True)).div_(denominators[k])
+    return grad
+
+
+def _steps_forward_stacked(comb: torch.Tensor, eps: torch.Tensor, iters: int):
+    """`_steps_forward` returning 3 stacked tensors (outputs [S, n, n, M], column-step denominators
+    [C, 1, n, M], row-step ones [R, n, 1, M]): a compiled kernel's per-tensor cost is in its inputs
+    and outputs (guards, wrapping), so the compiled path moves 3 tensors instead of 2 x 39."""
+    outputs, denominators = _steps_forward(comb, eps, iters)
+    return torch.stack(outputs), torch.stack(denominators[0::2]), torch.stack(denominators[1::2])
+
+
+def _steps_backward_stacked(grad, outputs, column_denominators, row_denominators, iters: int):
+    denominators = [None] * outputs.shape[0]
+    denominators[0::2], denominators[1::2] = column_denominators.unbind(0), row_denominators.unbind(0)
+    return _steps_backward(grad, outputs.unbind(0), denominators, iters)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(loop):
+    """`loop` as one torch.compile kernel (compiled at its first call per shape; dynamic in M after a
+    second shape). On CPU its values equal the eager loop's bitwise (tests/model/test_sinkhorn_autograd.py)."""
+    return torch.compile(loop, fullgraph=True)
+
+
 class _SinkhornComb(torch.autograd.Function):
     """Sinkhorn with the element-wise arithmetic of the plain autograd loop
 
@@ -68,37 +124,38 @@ class _SinkhornComb(torch.autograd.Function):
     nodes forward, ~40 us of autograd engine work per step backward). Two further savings:
     the matrices are laid out [n_rows, n_cols, M] (M = all batch positions, innermost), so each
     normalisation broadcasts its sums over contiguous runs of M elements instead of runs of n; and
-    eps is a 0-dim tensor (a Python float is re-wrapped into a tensor by every call).
+    eps is a 0-dim tensor (a Python float is re-wrapped into a tensor by every call). With
+    `compiled`, the two step loops run as torch.compile kernels (`_steps_forward_stacked`,
+    `_steps_backward_stacked`) instead of 3 (forward) and 4 (backward) ops per step; softmax stays
+    torch's own kernel.
 
     Forward: bitwise the values of the loop (tests/model/test_sinkhorn_autograd.py checks with
-    torch.equal): every element sees the same IEEE operations in the same order (a sum over n
-    entries accumulates them in index order in either layout). Backward: per step y = x / d,
-    d = sum(x) + eps, the exact gradient g_x = (g - sum(g * y)) / d (autograd's DivBackward +
-    SumBackward chain computes the same quantity as g / d - sum(g * (y / d)); the two differ only
-    in rounding, measured <= 2.5e-7 of the largest entry in fp32 after 39 steps). Softmax uses
-    torch's own backward kernel.
+    torch.equal, eager and compiled on CPU): every element sees the same IEEE operations in the
+    same order (a sum over n entries accumulates them in index order in either layout). Backward:
+    per step y = x / d, d = sum(x) + eps, the exact gradient g_x = (g - sum(g * y)) / d (autograd's
+    DivBackward + SumBackward chain computes the same quantity as g / d - sum(g * (y / d)); the two
+    differ only in rounding, measured <= 2.5e-7 of the largest entry in fp32 after 39 steps).
+    Softmax uses torch's own backward kernel.
     """
 
     @staticmethod
-    def forward(ctx, logits, iters, eps):
+    def forward(ctx, logits, iters, eps, compiled):
         shape, n = logits.shape, logits.shape[-1]
         eps = _eps_tensor(eps, logits.dtype, logits.device)
         probs = torch.softmax(logits, dim=-1)
         comb = (probs + eps).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
-        saved = [probs]
-        keep = saved.append
-        # Positional torch.* calls: this loop is pure per-call overhead, and keyword parsing alone
-        # is ~10% of it.
-        for dim in _sinkhorn_dims(iters):
-            denom = torch.sum(comb, dim, True).add_(eps)
-            comb = torch.div(comb, denom)
-            keep(comb)
-            keep(denom)
-        ctx.save_for_backward(*saved)
-        ctx.iters = iters
+        compiled = compiled and iters > 1  # one step: nothing to fuse (and no row step to stack)
+        if compiled:
+            saved = _compiled(_steps_forward_stacked)(comb, eps, iters)
+            last = saved[0][-1]
+        else:
+            outputs, denominators = _steps_forward(comb, eps, iters)
+            saved, last = (*outputs, *denominators), outputs[-1]
+        ctx.save_for_backward(probs, *saved)
+        ctx.iters, ctx.compiled = iters, compiled
         # Back to a contiguous [.., n, n]: the M-innermost layout would make the consumer's
         # batched matmul (comb^T @ streams) copy every 4x4 matrix (measured 3.3x slower there).
-        return comb.permute(2, 0, 1).contiguous().reshape(shape)
+        return last.permute(2, 0, 1).contiguous().reshape(shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -111,23 +168,25 @@ class _SinkhornComb(torch.autograd.Function):
         probs, *steps = ctx.saved_tensors
         n = probs.shape[-1]
         grad = grad.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
-        dims = _sinkhorn_dims(ctx.iters)
-        for k in range(len(dims) - 1, -1, -1):
-            out, denom = steps[2 * k], steps[2 * k + 1]  # out = x / denom
-            # d/dx of x / (sum(x) + eps): (g - sum(g * out)) / denom (denom is constant along
-            # the summed dim), 4 ops where autograd's g / d - sum(g * (out / d)) takes 5.
-            grad = torch.sub(grad, torch.sum(torch.mul(grad, out), dims[k], True)).div_(denom)
+        if ctx.compiled:
+            grad = _compiled(_steps_backward_stacked)(grad, *steps, ctx.iters)
+        else:
+            count = len(steps) // 2
+            grad = _steps_backward(grad, steps[:count], steps[count:], ctx.iters)
         grad = grad.permute(2, 0, 1).reshape(probs.shape)
-        return torch._softmax_backward_data(grad, probs, -1, probs.dtype), None, None
+        return torch._softmax_backward_data(grad, probs, -1, probs.dtype), None, None, None
 
 
 class HyperConnection(MegatronModule):
     """Coefficients and stream collapse/expand around one sub-layer (attention or MoE)."""
 
-    def __init__(self, *, config, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float):
+    def __init__(self, *, config, hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float,
+                 sinkhorn_kernel: str = "auto"):
         super().__init__(config=config)
         self.hc_mult = hc_mult
         self.sinkhorn_iters = sinkhorn_iters
+        self.sinkhorn_kernel = sinkhorn_kernel
+        resolve_sinkhorn_kernel(sinkhorn_kernel, torch.device("cpu"))  # refuse an unknown name at build
         self.hc_eps = hc_eps
         self.norm_eps = norm_eps
         mix = (2 + hc_mult) * hc_mult
@@ -168,7 +227,10 @@ class HyperConnection(MegatronModule):
         gates = torch.sigmoid(logits[..., : 2 * n].contiguous())
         pre = gates[..., :n] + self.hc_eps
         post = gates[..., n:] * 2.0
-        comb = sinkhorn_comb(logits[..., 2 * n :].unflatten(-1, (n, n)), iters=self.sinkhorn_iters, eps=self.hc_eps)
+        comb = sinkhorn_comb(
+            logits[..., 2 * n :].unflatten(-1, (n, n)), iters=self.sinkhorn_iters, eps=self.hc_eps,
+            compiled=resolve_sinkhorn_kernel(self.sinkhorn_kernel, logits.device),
+        )
         return pre, post, comb
 
     def pre(self, streams: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ CASES = {
     "nonfinite_policy": (["train.on_nonfinite=ignore"], "train.on_nonfinite='ignore' is not allowed"),
     "spike_nan": (["train.spike_factor=nan"], "train.spike_factor=nan must be >= 0"),
     "verify_mode": (["checkpoint.verify=fast"], "checkpoint.verify='fast' is not allowed"),
+    "sinkhorn_kernel": (["model.sinkhorn_kernel=fused"], "model.sinkhorn_kernel='fused' is not allowed"),
 }
 
 
