@@ -71,7 +71,8 @@ class ModelConfig:
     hc_eps: float = 1.0e-6
     # mHC's Sinkhorn step loops (same values): "eager" = 3 (forward) / 4 (backward) torch ops per
     # step, "compiled" = one torch.compile kernel per loop (compiled at start-up), "auto" = compiled
-    # on CUDA (the eager loops are ~270 kernel launches per mHC), eager on CPU.
+    # on CUDA (the eager loops are ~270 kernel launches per mHC; a compile failure warns and runs
+    # eagerly), eager on CPU.
     sinkhorn_kernel: str = "auto"
     # MoE (every layer is MoE; the first `num_hash_layers` are hash-routed).
     num_hash_layers: int = 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -37,13 +38,16 @@ def _mark_sequence_parallel(module: torch.nn.Module, config) -> None:
         param.sequence_parallel = bool(config.sequence_parallel)
 
 
-def sinkhorn_comb(logits: torch.Tensor, *, iters: int, eps: float, compiled: bool = False) -> torch.Tensor:
+def sinkhorn_comb(
+    logits: torch.Tensor, *, iters: int, eps: float, compiled: bool = False, fallback: bool = False
+) -> torch.Tensor:
     """Project [.., n, n] logits onto (nearly) doubly stochastic matrices, official order.
 
     Columns sum to 1 (up to eps) after the final step; rows to ~1. `compiled`: run the step loops
-    as torch.compile kernels (`model.sinkhorn_kernel`, see `resolve_sinkhorn_kernel`).
+    as torch.compile kernels (`model.sinkhorn_kernel`, see `resolve_sinkhorn_kernel`); `fallback`:
+    if compiling fails, warn once and run them eagerly (same values) instead of raising.
     """
-    return _SinkhornComb.apply(logits, iters, eps, compiled)
+    return _SinkhornComb.apply(logits, iters, eps, (compiled, fallback))
 
 
 def resolve_sinkhorn_kernel(choice: str, device: torch.device) -> bool:
@@ -113,6 +117,28 @@ def _compiled(loop):
     return torch.compile(loop, fullgraph=True)
 
 
+_COMPILE_FAILED = set()  # loops whose compilation failed in this process (`auto` then runs them eagerly)
+
+
+def _run_compiled(loop, fallback: bool, *args):
+    """`loop(*args)` as its compiled kernel; on a compiler failure, re-raise, or with `fallback`
+    (model.sinkhorn_kernel=auto) warn once and run `loop` eagerly from then on (the same function)."""
+    if loop not in _COMPILE_FAILED:
+        try:
+            return _compiled(loop)(*args)
+        except Exception as error:  # noqa: BLE001 (torch.compile raises many kinds; all mean "not compiled")
+            if not fallback:
+                raise
+            _COMPILE_FAILED.add(loop)
+            warnings.warn(
+                f"model.sinkhorn_kernel=auto: compiling mHC's Sinkhorn loop {loop.__name__} failed "
+                f"({type(error).__name__}: {str(error)[:300]}); running it eagerly (same values, more "
+                f"kernel launches). Set model.sinkhorn_kernel=eager to skip the attempt.",
+                stacklevel=2,
+            )
+    return loop(*args)
+
+
 class _SinkhornComb(torch.autograd.Function):
     """Sinkhorn with the element-wise arithmetic of the plain autograd loop
 
@@ -139,20 +165,21 @@ class _SinkhornComb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, iters, eps, compiled):
+    def forward(ctx, logits, iters, eps, kernel):
+        compiled, fallback = kernel
         shape, n = logits.shape, logits.shape[-1]
         eps = _eps_tensor(eps, logits.dtype, logits.device)
         probs = torch.softmax(logits, dim=-1)
         comb = (probs + eps).reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
         compiled = compiled and iters > 1  # one step: nothing to fuse (and no row step to stack)
         if compiled:
-            saved = _compiled(_steps_forward_stacked)(comb, eps, iters)
+            saved = _run_compiled(_steps_forward_stacked, fallback, comb, eps, iters)
             last = saved[0][-1]
         else:
             outputs, denominators = _steps_forward(comb, eps, iters)
             saved, last = (*outputs, *denominators), outputs[-1]
         ctx.save_for_backward(probs, *saved)
-        ctx.iters, ctx.compiled = iters, compiled
+        ctx.iters, ctx.compiled, ctx.fallback = iters, compiled, fallback
         # Back to a contiguous [.., n, n]: the M-innermost layout would make the consumer's
         # batched matmul (comb^T @ streams) copy every 4x4 matrix (measured 3.3x slower there).
         return last.permute(2, 0, 1).contiguous().reshape(shape)
@@ -169,7 +196,7 @@ class _SinkhornComb(torch.autograd.Function):
         n = probs.shape[-1]
         grad = grad.reshape(-1, n, n).permute(1, 2, 0).contiguous()  # [n_rows, n_cols, M]
         if ctx.compiled:
-            grad = _compiled(_steps_backward_stacked)(grad, *steps, ctx.iters)
+            grad = _run_compiled(_steps_backward_stacked, ctx.fallback, grad, *steps, ctx.iters)
         else:
             count = len(steps) // 2
             grad = _steps_backward(grad, steps[:count], steps[count:], ctx.iters)
@@ -230,6 +257,7 @@ class HyperConnection(MegatronModule):
         comb = sinkhorn_comb(
             logits[..., 2 * n :].unflatten(-1, (n, n)), iters=self.sinkhorn_iters, eps=self.hc_eps,
             compiled=resolve_sinkhorn_kernel(self.sinkhorn_kernel, logits.device),
+            fallback=self.sinkhorn_kernel == "auto",
         )
         return pre, post, comb
 

@@ -62,6 +62,7 @@ def dynamo_enabled(monkeypatch):
     """The suite turns torch.compile off (tests/conftest.py); this test compiles, so it lifts that for
     itself (torch reads TORCHDYNAMO_DISABLE when a function is wrapped) and drops its kernels after."""
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
+    monkeypatch.setattr(mhc, "_COMPILE_FAILED", set())
     mhc._compiled.cache_clear()
     yield
     mhc._compiled.cache_clear()
@@ -97,3 +98,31 @@ def test_sinkhorn_kernel_choice():
     assert mhc.resolve_sinkhorn_kernel("eager", torch.device("cuda")) is False
     with pytest.raises(ValueError, match="model.sinkhorn_kernel='fused' is not one of"):
         mhc.resolve_sinkhorn_kernel("fused", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fallback", [True, False], ids=["auto", "compiled"])
+def test_compile_failure_falls_back_only_under_auto(monkeypatch, fallback):
+    # A compiler that fails (as inductor can on a machine without a working toolchain): `auto`
+    # (fallback) warns once and gives the eager values and gradients; `compiled` raises the error.
+    def failing_compile(loop):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(mhc, "_compiled", failing_compile)
+    monkeypatch.setattr(mhc, "_COMPILE_FAILED", set())
+    logits = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    ours_in, eager_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    if not fallback:
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            sinkhorn_comb(ours_in, iters=20, eps=1e-6, compiled=True, fallback=False)
+        return
+    with pytest.warns(UserWarning, match="model.sinkhorn_kernel=auto: compiling mHC's Sinkhorn loop"):
+        ours = sinkhorn_comb(ours_in, iters=20, eps=1e-6, compiled=True, fallback=True)
+    eager = sinkhorn_comb(eager_in, iters=20, eps=1e-6)
+    assert torch.equal(ours, eager)
+    upstream = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(UserWarning, match="_steps_backward_stacked"):  # the backward loop's own attempt
+        (ours * upstream).sum().backward()
+    (eager * upstream).sum().backward()
+    assert torch.equal(ours_in.grad, eager_in.grad)
