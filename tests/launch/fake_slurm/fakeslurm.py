@@ -203,6 +203,11 @@ def sbatch_main(argv: List[str]) -> int:
     for job_id, extra in tasks:
         name = f"{extra['SLURM_ARRAY_JOB_ID']}_{extra['SLURM_ARRAY_TASK_ID']}" if extra else job_id
         save_job(job_id, {"id": job_id, "name": name, "state": "PENDING"})
+    # Slurm keeps the batch script as submitted: the submitter may delete or rewrite its file right
+    # after sbatch returns (submitit removes its submission file), so jobs run a copy.
+    stored = state_dir() / "scripts" / f"{main_id}.sh"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(script.read_bytes())
     print(main_id if "parsable" in opts else f"Submitted batch job {main_id}", flush=True)
     if os.environ.get("FAKE_SLURM_BACKGROUND") == "1" and os.fork() != 0:
         return 0  # like a real sbatch: return at once; the forked child runs the job(s)
@@ -212,11 +217,13 @@ def sbatch_main(argv: List[str]) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)  # release the caller's pipes
     for job_id, extra in tasks:  # one after another
-        run_batch_job(job_id, script, rest[1:], opts, extra)
+        run_batch_job(job_id, script, rest[1:], opts, extra, stored=stored)
     return 0
 
 
-def run_batch_job(job_id: str, script: Path, args: List[str], opts: Dict[str, str], extra_env: Dict[str, str]):
+def run_batch_job(job_id: str, script: Path, args: List[str], opts: Dict[str, str], extra_env: Dict[str, str],
+                  *, stored: Path):
+    """Runs `stored` (the script's contents at submission); `script` names the job."""
     nodes = int(opts.get("nodes", "1"))
     per_node = int(opts.get("ntasks_per_node") or (int(opts["ntasks"]) // nodes if "ntasks" in opts else 1))
     job_name = opts.get("job_name", script.name)
@@ -252,7 +259,7 @@ def run_batch_job(job_id: str, script: Path, args: List[str], opts: Dict[str, st
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         mode = "a" if restart or opts.get("open_mode") == "append" else "w"
         with open(output, mode) as out:
-            proc = subprocess.Popen(["bash", str(script), *args], env=env, stdout=out,
+            proc = subprocess.Popen(["bash", str(stored), *args], env=env, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             job = load_job(job_id)
             job["batch_pgid"] = proc.pid
