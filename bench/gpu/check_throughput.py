@@ -61,7 +61,7 @@ def matmul_ceiling(device: str, size: int, iters: int = 20) -> float:
 
 
 def sinkhorn_kernels(device: str, tokens: int) -> dict:
-    """Eager vs compiled Sinkhorn step loops (model/mhc.py) on `device`: max differences and ms per
+    """Eager vs compiled Sinkhorn step loops (model/sinkhorn.py) on `device`: max differences and ms per
     forward + backward of one mHC's [tokens, 4, 4] projection (20 iterations, fp32, as in the model)."""
     import torch
 
@@ -69,7 +69,7 @@ def sinkhorn_kernels(device: str, tokens: int) -> dict:
         from dsv4_train.mcore import cpu_compat
 
         cpu_compat.apply()  # Megatron-Core imports need the CPU layer without a GPU
-    from dsv4_train.model.mhc import sinkhorn_comb
+    from dsv4_train.model.sinkhorn import sinkhorn_comb
 
     gen = torch.Generator().manual_seed(0)
     logits = (4.0 * torch.randn(tokens, 4, 4, generator=gen)).to(device)

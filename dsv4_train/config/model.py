@@ -69,7 +69,7 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1.0e-6
-    # mHC's Sinkhorn step loops (same values): "eager" = 3 (forward) / 4 (backward) torch ops per
+    # mHC's Sinkhorn step loops (model/sinkhorn.py; same values): "eager" = 3 (forward) / 4 (backward) torch ops per
     # step, "compiled" = one torch.compile kernel per loop (compiled at start-up), "auto" = compiled
     # on CUDA (the eager loops are ~270 kernel launches per mHC; a compile failure warns and runs
     # eagerly), eager on CPU.

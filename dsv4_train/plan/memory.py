@@ -64,7 +64,7 @@ def plan_backend(m, *, ratio: int, seq_length: int, micro_batch: int, tp: int) -
 
 
 def sinkhorn_kept_per_token(m) -> float:
-    """Values one mHC's Sinkhorn projection keeps per token (model/mhc.py `_SinkhornComb`: the
+    """Values one mHC's Sinkhorn projection keeps per token (model/sinkhorn.py `_SinkhornComb`: the
     softmax and each of the 2 * iters - 1 normalised [n, n] matrices and their [n] sums)."""
     n = m.hc_mult
     return n * n + (2 * m.hc_sinkhorn_iters - 1) * (n * n + n)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4_train.model.mhc import sinkhorn_comb
+from dsv4_train.model.sinkhorn import sinkhorn_comb
 
 
 def test_sinkhorn_comb_is_doubly_stochastic():

@@ -1,12 +1,12 @@
-"""The fused Sinkhorn autograd node (mhc._SinkhornComb) against autograd through the plain loop."""
+"""The fused Sinkhorn autograd node (sinkhorn._SinkhornComb) against autograd through the plain loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dsv4_train.model import mhc
-from dsv4_train.model.mhc import sinkhorn_comb
+from dsv4_train.model import sinkhorn as mhc_sinkhorn
+from dsv4_train.model.sinkhorn import sinkhorn_comb
 
 
 def _reference_sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -62,10 +62,10 @@ def dynamo_enabled(monkeypatch):
     """The suite turns torch.compile off (tests/conftest.py); this test compiles, so it lifts that for
     itself (torch reads TORCHDYNAMO_DISABLE when a function is wrapped) and drops its kernels after."""
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
-    monkeypatch.setattr(mhc, "_COMPILE_FAILED", set())
-    mhc._compiled.cache_clear()
+    monkeypatch.setattr(mhc_sinkhorn, "_COMPILE_FAILED", set())
+    mhc_sinkhorn._compiled.cache_clear()
     yield
-    mhc._compiled.cache_clear()
+    mhc_sinkhorn._compiled.cache_clear()
 
 
 def test_compiled_step_loops_equal_eager_bitwise(dynamo_enabled):
@@ -92,12 +92,12 @@ def test_compiled_step_loops_equal_eager_bitwise(dynamo_enabled):
 
 
 def test_sinkhorn_kernel_choice():
-    assert mhc.resolve_sinkhorn_kernel("auto", torch.device("cpu")) is False
-    assert mhc.resolve_sinkhorn_kernel("auto", torch.device("cuda")) is True
-    assert mhc.resolve_sinkhorn_kernel("compiled", torch.device("cpu")) is True
-    assert mhc.resolve_sinkhorn_kernel("eager", torch.device("cuda")) is False
+    assert mhc_sinkhorn.resolve_sinkhorn_kernel("auto", torch.device("cpu")) is False
+    assert mhc_sinkhorn.resolve_sinkhorn_kernel("auto", torch.device("cuda")) is True
+    assert mhc_sinkhorn.resolve_sinkhorn_kernel("compiled", torch.device("cpu")) is True
+    assert mhc_sinkhorn.resolve_sinkhorn_kernel("eager", torch.device("cuda")) is False
     with pytest.raises(ValueError, match="model.sinkhorn_kernel='fused' is not one of"):
-        mhc.resolve_sinkhorn_kernel("fused", torch.device("cpu"))
+        mhc_sinkhorn.resolve_sinkhorn_kernel("fused", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fallback", [True, False], ids=["auto", "compiled"])
@@ -109,8 +109,8 @@ def test_compile_failure_falls_back_only_under_auto(monkeypatch, fallback):
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(mhc, "_compiled", failing_compile)
-    monkeypatch.setattr(mhc, "_COMPILE_FAILED", set())
+    monkeypatch.setattr(mhc_sinkhorn, "_compiled", failing_compile)
+    monkeypatch.setattr(mhc_sinkhorn, "_COMPILE_FAILED", set())
     logits = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(3))
     ours_in, eager_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     if not fallback:
