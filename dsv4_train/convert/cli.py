@@ -96,4 +96,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as error:  # ConvertError and the format checks: a clear refusal, no traceback
         print(f"convert {args.command}: {error}", file=sys.stderr)
         return 2
+    finally:
+        # Tear the process group down before the interpreter does: gloo's threads destroyed during
+        # interpreter shutdown occasionally abort the process ("terminate called without an active
+        # exception", exit -6) after a complete export.
+        import torch.distributed
+
+        if torch.distributed.is_initialized():  # a refusal before start-up has nothing to tear down
+            from dsv4_train.runtime.distributed import shutdown
+
+            shutdown()
     return 0
