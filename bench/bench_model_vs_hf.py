@@ -15,6 +15,9 @@ Rows (timed in rounds of consecutive steps per model, so machine drift hits them
 * ours, same work, compiled Sinkhorn: the same with `model.sinkhorn_kernel=compiled` (mHC's two
   Sinkhorn step loops as torch.compile kernels, what `auto` runs on CUDA; compiled once at start,
   ~25 s; eager if TORCHDYNAMO_DISABLE=1 is set, and the row says so).
+* ours, same work, compiled blocks: the same with `model.compile=true` (each V4 block as
+  torch.compile graphs, model/block_compile.py; compiled during warm-up, ~1-2 min on CPU, not
+  timed; eager if TORCHDYNAMO_DISABLE=1 is set, and the row says so).
 * ours, V4 training forward: train mode with labels: LM loss + the MTP block and its loss + the
   indexer KL and sequence-balance losses (work HF's model does not do), for reference.
 * forward only (no grad): HF's loss forward and ours (logits + the same cross-entropy), the
@@ -93,6 +96,13 @@ def main() -> None:
     for module in ours_compiled.modules():
         if isinstance(module, HyperConnection):
             module.sinkhorn_kernel = "compiled"
+    ours_compiled_blocks = load_hf(directory).eval()
+    from dsv4_train.model.block import V4Block
+    from dsv4_train.model.block_compile import compile_block
+
+    for module in ours_compiled_blocks.modules():
+        if isinstance(module, V4Block):
+            compile_block(module)  # what model.compile=true does at build
     ours_train = load_hf(directory).train()
     ids = input_ids(case)
     labels = torch.roll(ids, -1, dims=1)  # ours: position t predicts t+1; the last column is dropped
@@ -125,7 +135,8 @@ def main() -> None:
 
     results = _medians_over_rounds(
         {"hf": hf_step, "same": ours_same_work, "blockwise": lambda: same_work(ours_blockwise),
-         "compiled": lambda: same_work(ours_compiled), "train": ours_training,
+         "compiled": lambda: same_work(ours_compiled), "blocks": lambda: same_work(ours_compiled_blocks),
+         "train": ours_training,
          "hf_fwd": hf_forward, "fwd": ours_forward},
         rounds=args.rounds, block=args.block, warmup=args.warmup,
     )
@@ -140,6 +151,8 @@ def main() -> None:
         ("ours, same work, blockwise attention", "blockwise"),
         ("ours, same work, compiled Sinkhorn" + (" (NOT: dynamo disabled)" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else ""),
          "compiled"),
+        ("ours, same work, compiled blocks" + (" (NOT: dynamo disabled)" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else ""),
+         "blocks"),
         ("ours, V4 training forward (+MTP, aux)", "train"),
     ]
     for label, key in rows:

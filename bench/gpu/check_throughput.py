@@ -12,6 +12,8 @@
    CSA + HCA + SWA layers, 8 experts of 2048, top-6, vocab 129280), 4 layers + MTP, 4K tokens,
    synthetic data, bf16: tokens/s, model TFLOP/s (the plan's FLOPs), MFU against the table peak and
    against the measured ceiling, peak memory against the plan's estimate for the same config.
+5. The same proxy with `model.compile=true` (each V4 block as torch.compile graphs): the same
+   figures, steady state after compilation, so the two rows give the compiled blocks' speed-up.
 One JSON line per measurement on stdout and in --out.
 """
 
@@ -158,24 +160,32 @@ def main() -> int:
         if args.smoke:
             return 0 if tiny["rc"] == 0 else 1
 
-        proxy_dir = os.path.join(work, "flash_proxy")
-        proxy = cli([device_flag, "train.max_steps=12", *FLASH_PROXY, *sinkhorn_override], proxy_dir, timeout=900)
         plan_dir = os.path.join(work, "flash_proxy_plan")
         cli(["run.plan_only=true", "parallel.world_size=1", *FLASH_PROXY], plan_dir, timeout=120)
         plan = json.load(open(os.path.join(plan_dir, "plan.json"))) if os.path.exists(os.path.join(plan_dir, "plan.json")) else {}
-        rows = proxy["rows"]
-        tflops = steady(rows, "model_tflops", 4)
-        emit(out, {
-            "check": "flash_proxy", "rc": proxy["rc"], "steps": len(rows), "overrides": sinkhorn_override,
-            "tokens_per_sec": steady(rows, "tokens_per_sec", 4), "model_tflops": tflops,
-            "mfu_table_peak": steady(rows, "mfu", 4),
-            "mfu_measured_ceiling": tflops / ceiling if tflops else None,
-            "max_memory_gib": rows[-1].get("max_memory_gib") if rows else None,
-            "plan_memory_gib_none": plan.get("memory_per_rank", {}).get("none", [{}])[0].get("total_gib"),
-            "first_loss": rows[0]["lm_loss"] if rows else None, "last_loss": rows[-1]["lm_loss"] if rows else None,
-            "wall_s": proxy["wall_s"], "tail": proxy["tail"],
-        })
+        emit(out, flash_proxy("flash_proxy", [device_flag, *sinkhorn_override], os.path.join(work, "flash_proxy"),
+                              ceiling, plan))
+        if os.environ.get("TORCHDYNAMO_DISABLE") != "1":
+            emit(out, flash_proxy("flash_proxy_compiled", [device_flag, "model.compile=true"],
+                                  os.path.join(work, "flash_proxy_compiled"), ceiling, plan))
     return 0
+
+
+def flash_proxy(check: str, overrides, run_dir: str, ceiling: float, plan: dict) -> dict:
+    """12 steps of the Flash-width proxy; figures averaged after 4 (warm-up, compilation)."""
+    proxy = cli(["train.max_steps=12", *FLASH_PROXY, *overrides], run_dir, timeout=900)
+    rows = proxy["rows"]
+    tflops = steady(rows, "model_tflops", 4)
+    return {
+        "check": check, "rc": proxy["rc"], "steps": len(rows), "overrides": overrides,
+        "tokens_per_sec": steady(rows, "tokens_per_sec", 4), "model_tflops": tflops,
+        "mfu_table_peak": steady(rows, "mfu", 4),
+        "mfu_measured_ceiling": tflops / ceiling if tflops else None,
+        "max_memory_gib": rows[-1].get("max_memory_gib") if rows else None,
+        "plan_memory_gib_none": plan.get("memory_per_rank", {}).get("none", [{}])[0].get("total_gib"),
+        "first_loss": rows[0]["lm_loss"] if rows else None, "last_loss": rows[-1]["lm_loss"] if rows else None,
+        "wall_s": proxy["wall_s"], "tail": proxy["tail"],
+    }
 
 
 if __name__ == "__main__":

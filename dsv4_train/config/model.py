@@ -74,6 +74,11 @@ class ModelConfig:
     # on CUDA (the eager loops are ~270 kernel launches per mHC; a compile failure warns and runs
     # eagerly), eager on CPU.
     sinkhorn_kernel: str = "auto"
+    # torch.compile each transformer block (model/block_compile.py; regional compilation, as torchtitan
+    # does): mHC, norms, attention and MoE maths fused into a few kernels per block. The first step
+    # compiles each distinct block kind (minutes on CPU); values agree with eager up to fusion's
+    # rounding. Off by default: start-up cost, and never run on a GPU yet.
+    compile: bool = False
     # MoE (every layer is MoE; the first `num_hash_layers` are hash-routed).
     num_hash_layers: int = 3
     num_routed_experts: int = 256

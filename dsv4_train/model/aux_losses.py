@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 _records: Dict[str, List[torch.Tensor]] = {}
 
 
+@torch.compiler.disable  # bookkeeping on a module-level dict: eager inside a compiled block (model.compile)
 def attach(output: torch.Tensor, loss: torch.Tensor, *, name: str) -> torch.Tensor:
     """Return `output` unchanged; backward through it also back-propagates `loss` (scaled)."""
     if loss.dim() != 0:

@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from dsv4_train.config.model import ModelConfig
 from dsv4_train.model import recompute
+from dsv4_train.model.block_compile import compile_block
 from dsv4_train.model.primitives import RMSNorm
 from dsv4_train.model.mhc import HyperConnection
 from dsv4_train.model.moe import V4MoELayer
@@ -67,6 +68,8 @@ class V4Block(MegatronModule):
             hash_routed=schedule["hash_routed"],
             is_mtp_layer=self.is_mtp,
         )
+        if model_cfg.compile:
+            compile_block(self)
 
     def forward(
         self,

@@ -46,6 +46,15 @@ def _contiguous_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """x [N, in] (rows grouped by expert), weight [E, out, in], offsets [E] int32 -> [N, out]."""
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # torch 2.13's fake-tensor rule for _grouped_mm accepts bf16 only (its CPU kernel takes any
+        # float dtype): a compiled block (model.compile) runs the fp32 GEMM outside the graph.
+        return _grouped_linear_outside_graph(x, weight, offsets)
+    return _contiguous_grad(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
+
+
+@torch.compiler.disable
+def _grouped_linear_outside_graph(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return _contiguous_grad(torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets))
 
 

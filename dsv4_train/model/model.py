@@ -125,6 +125,8 @@ class DSV4Model(LanguageModule):
                 (MTPLayer(config=config, model_cfg=model_cfg, depth=k) for k in mtp_layers), key_offset=mtp_layers[0]
             )
         self.setup_embeddings_and_output_layer()
+        # The compression ratios this stage's attention layers use (their document blocks, see _forward).
+        self._compress_ratios = sorted({m.attn.ratio for m in self.modules() if isinstance(m, V4Block)} - {0})
 
     def set_input_tensor(self, input_tensor) -> None:
         """Called by Megatron's schedules: the previous stage's streams folded to [s, b*n, d]."""
@@ -195,6 +197,10 @@ class DSV4Model(LanguageModule):
                 )
             else:
                 documents = Documents.from_segment_ids(segment_ids)
+            for ratio in self._compress_ratios:
+                # Built here, once per micro-batch: a data-dependent host sync that must not sit
+                # inside a compiled block (model.compile), where it would split the graph.
+                documents.blocks(ratio)
         token_ids = input_ids.t()  # [s, b], the layout of the hidden states (hash routing)
         if self.pre_process:
             embedded = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, d]

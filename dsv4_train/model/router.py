@@ -52,6 +52,7 @@ class _CountsTokensPerStep:
     (train/telemetry.py). Megatron's own `local_tokens_per_expert` is emptied by the bias update
     inside the step and exists on scored layers only."""
 
+    @torch.compiler.disable  # attribute bookkeeping: eager inside a compiled block (model.compile)
     def _count(self, routing_map: torch.Tensor) -> None:
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():

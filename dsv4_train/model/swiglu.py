@@ -47,6 +47,8 @@ class ClampedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         gate_up, prob = ctx.saved_tensors
         limit = ctx.limit
+        if torch.compiler.is_compiling():  # a compiled block (model.compile): its own buffers, no out=
+            return _backward_functional(ctx, grad_out, gate_up, prob)
         gate, up, gate_c, up_c = _clamped(gate_up, limit, ctx.offset)
         half = gate_c.shape[-1]
         grad_gate_up = torch.empty_like(gate_up)
@@ -63,6 +65,25 @@ class ClampedSwiGLU(torch.autograd.Function):
             grad_gate.masked_fill_(gate > limit, 0)
             grad_up.masked_fill_((up < -limit).logical_or_(up > limit), 0)
         return grad_gate_up, grad_prob, None, None
+
+
+def _backward_functional(ctx, grad_out, gate_up, prob):
+    """`ClampedSwiGLU.backward` without in-place writes into slices (which torch.compile cannot
+    trace); the same formulas, so the values agree with the eager backward up to fusion's rounding."""
+    limit = ctx.limit
+    gate, up, gate_c, up_c = _clamped(gate_up, limit, ctx.offset)
+    scaled = grad_out * prob.unsqueeze(-1)
+    act = torch.nn.functional.silu(gate_c)
+    grad_prob = None
+    if ctx.needs_input_grad[1]:
+        wide = torch.promote_types(gate_up.dtype, torch.float32)
+        grad_prob = (act * up_c * grad_out).sum(-1, dtype=wide).to(prob.dtype)
+    grad_up = scaled * act
+    grad_gate = torch.ops.aten.silu_backward(scaled * up_c, gate_c)
+    if limit is not None:
+        grad_gate = grad_gate.masked_fill(gate > limit, 0)
+        grad_up = grad_up.masked_fill((up < -limit) | (up > limit), 0)
+    return torch.cat([grad_gate, grad_up], dim=-1).to(gate_up.dtype), grad_prob, None, None
 
 
 def clamped_swiglu(gate_up: torch.Tensor, prob: torch.Tensor, limit: Optional[float], offset: float = 0.0):

@@ -24,6 +24,10 @@ zigzag-aware `roll_tensor`, which is what made Megatron's CP + MTP gradients ine
 Loss convention (Megatron's, see train/step.py): DDP averages gradients over DP x CP, so
 each CP rank returns `cp * local_sum / global_count`; the CP-sum of the ranks' losses divided by cp
 is the global mean.
+
+Every function here that talks to other ranks runs eagerly under `model.compile`
+(`@torch.compiler.disable`): a compiled block then holds local compute only and its collectives run
+in program order on every rank (traced into graphs that split differently per rank, they deadlocked).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def halo_size(model_cfg) -> int:
     return context_parallel_halo(model_cfg.sliding_window, model_cfg.compress_ratios)
 
 
+@torch.compiler.disable
 def gather_sequence(tensor: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
     """[b, L] of this rank -> [b, cp * L], the whole sequence on every rank (not differentiable)."""
     return _all_gather_first_dim(tensor.t().contiguous(), cp.group).t()
@@ -88,11 +93,13 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+@torch.compiler.disable
 def sum_entries(entries: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
     """[B, N, c] entries, each computed by exactly one rank (zeros elsewhere) -> all of them on every rank."""
     return _SumOverRanks.apply(entries, cp.group)
 
 
+@torch.compiler.disable
 def build_slice(positions: torch.Tensor, *, group, halo: int) -> Optional[ContextParallelSlice]:
     """positions: [L] this rank's RoPE positions. None when the CP group has one rank."""
     if group is None or group.size() == 1:
@@ -109,6 +116,7 @@ def build_slice(positions: torch.Tensor, *, group, halo: int) -> Optional[Contex
     return ContextParallelSlice(group=group, rank=rank, size=size, local_len=local_len, halo_positions=previous)
 
 
+@torch.compiler.disable
 def previous_rows(x: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
     """x: [L, ...] -> the previous rank's last `cp.halo` rows [halo, ...] (zeros on rank 0).
 
@@ -121,6 +129,7 @@ def previous_rows(x: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
     return gathered[(cp.rank - 1) * h : cp.rank * h]
 
 
+@torch.compiler.disable
 def gather_entries(entries: torch.Tensor, cp: ContextParallelSlice) -> torch.Tensor:
     """[B, n_local, c] compressed entries of this rank -> [B, cp * n_local, c] in sequence order.
 
@@ -135,6 +144,7 @@ def sum_over(value: torch.Tensor, cp: Optional[ContextParallelSlice]) -> torch.T
     return sum_over_group(value, cp.group if cp is not None else None)
 
 
+@torch.compiler.disable
 def sum_over_group(value: torch.Tensor, group) -> torch.Tensor:
     if group is None or group.size() == 1:
         return value
@@ -143,6 +153,7 @@ def sum_over_group(value: torch.Tensor, group) -> torch.Tensor:
     return value
 
 
+@torch.compiler.disable
 def roll_left(tensor: torch.Tensor, group) -> torch.Tensor:
     """Shift [b, L] left by one along the sequence, across contiguous CP slices.
 

@@ -200,6 +200,9 @@ class Trainer:
             print(f"training {cfg.model.name} on {runtime.world_size} process(es) ({runtime.device.type}/"
                   f"{runtime.backend}), dp={parallel_state.get_data_parallel_world_size()}, micro-batches/step="
                   f"{data.stage.num_microbatches}, data: {data.data.describe()}", flush=True)
+            if cfg.model.compile:
+                print("model.compile=true: the first steps compile each kind of block (minutes on CPU; the step "
+                      "line's time includes it), later steps run the compiled graphs", flush=True)
         return cls(
             cfg=cfg, runtime=runtime, watcher=watcher, start_state=start, model_chunks=model_chunks,
             optimizer=optimizer, scheduler=scheduler, data=data,

@@ -43,6 +43,7 @@ CASES = {
     "spike_nan": (["train.spike_factor=nan"], "train.spike_factor=nan must be >= 0"),
     "verify_mode": (["checkpoint.verify=fast"], "checkpoint.verify='fast' is not allowed"),
     "sinkhorn_kernel": (["model.sinkhorn_kernel=fused"], "model.sinkhorn_kernel='fused' is not allowed"),
+    "compile_not_bool": (["model.compile=maybe"], "Wrong type for 'model.compile'"),
 }
 
 

@@ -10,7 +10,7 @@ compared. Everything goes through the real CLI, as `torchrun --nproc_per_node=N 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from tests.helpers import by_step, read_metrics, run_cli
 
@@ -41,12 +41,12 @@ def reference_run(root: Path, extra: Sequence[str] = ()) -> Dict[str, object]:
 
 
 def layout_run(root: Path, name: str, reference: Dict[str, object], overrides: Sequence[str], nproc: int,
-               extra: Sequence[str] = ()) -> Dict[int, dict]:
+               extra: Sequence[str] = (), env: Optional[dict] = None) -> Dict[int, dict]:
     run_dir = root / name
     proc = run_cli(
         [*BASE, *extra, *overrides, f"run.dir={run_dir}", f"checkpoint.load={reference['initial']}",
          "checkpoint.load_model_only=true"],
-        nproc=nproc,
+        nproc=nproc, env=env,
     )
     _check(proc)
     return by_step(read_metrics(run_dir))
