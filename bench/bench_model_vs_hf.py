@@ -20,6 +20,7 @@ Rows (timed in rounds of consecutive steps per model, so machine drift hits them
   timed; eager if TORCHDYNAMO_DISABLE=1 is set, and the row says so).
 * ours, V4 training forward: train mode with labels: LM loss + the MTP block and its loss + the
   indexer KL and sequence-balance losses (work HF's model does not do), for reference.
+* ours, V4 training, compiled blocks: the same with `model.compile=true`.
 * forward only (no grad): HF's loss forward and ours (logits + the same cross-entropy), the
   forward's share of the ratio.
 
@@ -96,14 +97,19 @@ def main() -> None:
     for module in ours_compiled.modules():
         if isinstance(module, HyperConnection):
             module.sinkhorn_kernel = "compiled"
-    ours_compiled_blocks = load_hf(directory).eval()
+    from dsv4_train.model import aux_losses
     from dsv4_train.model.block import V4Block
     from dsv4_train.model.block_compile import compile_block
 
-    for module in ours_compiled_blocks.modules():
-        if isinstance(module, V4Block):
-            compile_block(module)  # what model.compile=true does at build
+    def with_compiled_blocks(model):
+        for module in model.modules():
+            if isinstance(module, V4Block):
+                compile_block(module)  # what model.compile=true does at build
+        return model
+
+    ours_compiled_blocks = with_compiled_blocks(load_hf(directory).eval())
     ours_train = load_hf(directory).train()
+    ours_train_compiled = with_compiled_blocks(load_hf(directory).train())
     ids = input_ids(case)
     labels = torch.roll(ids, -1, dims=1)  # ours: position t predicts t+1; the last column is dropped
 
@@ -129,14 +135,15 @@ def main() -> None:
             logits = ours_lm(ids)
             F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
-    def ours_training():
-        ours_train.zero_grad(set_to_none=True)
-        ours_train(ids, labels=labels)[:, :-1].mean().backward()
+    def training(model):
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=labels)[:, :-1].mean().backward()
+        aux_losses.drain()  # what the training loop does each step (the records would pile up)
 
     results = _medians_over_rounds(
         {"hf": hf_step, "same": ours_same_work, "blockwise": lambda: same_work(ours_blockwise),
          "compiled": lambda: same_work(ours_compiled), "blocks": lambda: same_work(ours_compiled_blocks),
-         "train": ours_training,
+         "train": lambda: training(ours_train), "train_blocks": lambda: training(ours_train_compiled),
          "hf_fwd": hf_forward, "fwd": ours_forward},
         rounds=args.rounds, block=args.block, warmup=args.warmup,
     )
@@ -154,6 +161,8 @@ def main() -> None:
         ("ours, same work, compiled blocks" + (" (NOT: dynamo disabled)" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else ""),
          "blocks"),
         ("ours, V4 training forward (+MTP, aux)", "train"),
+        ("ours, V4 training, compiled blocks" + (" (NOT: dynamo disabled)" if os.environ.get("TORCHDYNAMO_DISABLE") == "1" else ""),
+         "train_blocks"),
     ]
     for label, key in rows:
         median, fastest = results[key]

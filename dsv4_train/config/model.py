@@ -16,6 +16,7 @@ ATTENTION_MODE_BY_RATIO = {0: "sliding_window", 4: "csa"}  # any other ratio > 0
 CSA_RATIO = 4
 ATTENTION_BACKENDS = ("auto", "dense", "blockwise", "flex")
 SINKHORN_KERNELS = ("auto", "eager", "compiled")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 @dataclass
@@ -79,6 +80,10 @@ class ModelConfig:
     # compiles each distinct block kind (minutes on CPU); values agree with eager up to fusion's
     # rounding. Off by default: start-up cost, and never run on a GPU yet.
     compile: bool = False
+    # torch.compile backend of model.compile: "inductor" (fused kernels, the point of compiling) or
+    # "aot_eager" (the same graph capture and autograd, torch's own kernels, values bitwise eager:
+    # tells a capture problem from a kernel-rounding one, and compiles in seconds).
+    compile_backend: str = "inductor"
     # MoE (every layer is MoE; the first `num_hash_layers` are hash-routed).
     num_hash_layers: int = 3
     num_routed_experts: int = 256

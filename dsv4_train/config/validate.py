@@ -13,7 +13,7 @@ import math
 from typing import List, Optional
 
 from dsv4_train.config.derive import RECOMPUTE_MODULES, default_layout, parse_layout, stage_settings
-from dsv4_train.config.model import ATTENTION_BACKENDS, SINKHORN_KERNELS
+from dsv4_train.config.model import ATTENTION_BACKENDS, COMPILE_BACKENDS, SINKHORN_KERNELS
 from dsv4_train.model.blocking import context_parallel_halo
 
 PRECISIONS = ("fp32", "bf16")
@@ -128,6 +128,7 @@ def check_model(m, problems: List[str]) -> None:
     _one_of(problems, "model.moe_expert_compute", m.moe_expert_compute, EXPERT_COMPUTE)
     _one_of(problems, "model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
     _one_of(problems, "model.sinkhorn_kernel", m.sinkhorn_kernel, SINKHORN_KERNELS)
+    _one_of(problems, "model.compile_backend", m.compile_backend, COMPILE_BACKENDS)
     if m.attention_block_size < 0:
         problems.append(f"model.attention_block_size={m.attention_block_size} must be >= 0 (0 = automatic).")
     if not (0.0 <= m.mtp_loss_weight and 0.0 <= m.mtp_loss_weight_after_decay):

@@ -69,7 +69,7 @@ class V4Block(MegatronModule):
             is_mtp_layer=self.is_mtp,
         )
         if model_cfg.compile:
-            compile_block(self)
+            compile_block(self, model_cfg.compile_backend)
 
     def forward(
         self,

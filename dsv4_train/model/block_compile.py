@@ -11,7 +11,8 @@ run time, so it must not be baked in), outside bf16 the experts' grouped GEMM (t
 fake-tensor rule for `torch._grouped_mm` takes bf16 only), and under EP / TP Megatron's token
 dispatcher, which runs eagerly (its collectives and device-to-host syncs are not traceable; the
 routing maths, experts and everything around them stay compiled). Values agree with eager up to the
-rounding of fused kernels (tests/model/test_block_compile.py states the tolerance).
+rounding of fused kernels (tests/model/test_block_compile.py states the tolerance); with
+`model.compile_backend=aot_eager` (the same capture, torch's kernels) they are bitwise equal.
 
 Never a silent fallback: exceeding dynamo's recompile limit raises instead of running the block
 eagerly, and a compiler error raises (the user asked for compilation).
@@ -30,8 +31,9 @@ import torch
 RECOMPILE_LIMIT = 64
 
 
-def compile_block(block: torch.nn.Module) -> None:
-    """Compile `block` in place (`nn.Module.compile`: parameter names and checkpoints unchanged)."""
+def compile_block(block: torch.nn.Module, backend: str = "inductor") -> None:
+    """Compile `block` in place (`nn.Module.compile`: parameter names and checkpoints unchanged);
+    `backend`: model.compile_backend."""
     import torch._dynamo.config as dynamo_config
 
     if os.environ.get("TORCHDYNAMO_DISABLE") == "1":
@@ -48,7 +50,7 @@ def compile_block(block: torch.nn.Module) -> None:
             # Megatron's router logging: per-layer integers and a global tracker; compiled, it
             # would be one more graph per layer (Flash: 43) until dynamo's limit.
             _run_eagerly(module, ("attach_and_log_load_balancing_loss",))
-    block.compile()
+    block.compile(backend=backend)
 
 
 # Megatron-Core 0.19.2's `MoETokenDispatcher` steps, as `MoELayer` calls them.

@@ -27,6 +27,8 @@ def sinkhorn_comb(
     as torch.compile kernels (`model.sinkhorn_kernel`, see `resolve_sinkhorn_kernel`); `fallback`:
     if compiling fails, warn once and run them eagerly (same values) instead of raising.
     """
+    if torch.compiler.is_compiling():
+        compiled = False  # inside a compiled block (model.compile): the enclosing graph fuses the loops
     return _SinkhornComb.apply(logits, iters, eps, (compiled, fallback))
 
 

@@ -44,6 +44,7 @@ CASES = {
     "verify_mode": (["checkpoint.verify=fast"], "checkpoint.verify='fast' is not allowed"),
     "sinkhorn_kernel": (["model.sinkhorn_kernel=fused"], "model.sinkhorn_kernel='fused' is not allowed"),
     "compile_not_bool": (["model.compile=maybe"], "Wrong type for 'model.compile'"),
+    "compile_backend": (["model.compile_backend=cudagraphs"], "model.compile_backend='cudagraphs' is not allowed"),
 }
 
 
