@@ -33,7 +33,12 @@ PER_PARAMETER_TOLERANCE = 1e-2  # each parameter, relative to its largest entry 
 @pytest.fixture
 def dynamo_enabled(monkeypatch):
     """The suite turns torch.compile off (tests/conftest.py); lift that for this test only (torch
-    reads TORCHDYNAMO_DISABLE when a module is compiled) and drop the compiled code after."""
+    reads TORCHDYNAMO_DISABLE when a module is compiled) and drop the compiled code after. Megatron's
+    process-wide MoE metrics tracker sizes each metric by the first model's layer count; this test's
+    2-block model records into a private one, so later tests' models are not refused (IndexError)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    monkeypatch.setattr(get_moe_metrics_tracker(), "_metrics", {})
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "0")
     torch._dynamo.reset()
     yield
